@@ -1,0 +1,26 @@
+"""gpufc: fully connected layers and dropout as handwritten Numba CUDA kernels.
+
+``import gpufc`` is cheap and works without a GPU or CuPy: the backend
+(``cuda``, ``sim`` or ``cpu``; see :mod:`gpufc.backend`) is chosen on first use.
+"""
+
+from . import reference
+from .backend import backend_info, get_backend, set_backend
+from .functional import dropout, dropout_backward, linear, linear_backward, linear_forward
+from .layers import DropoutLayer, FullyConnectedLayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DropoutLayer",
+    "FullyConnectedLayer",
+    "backend_info",
+    "dropout",
+    "dropout_backward",
+    "get_backend",
+    "linear",
+    "linear_backward",
+    "linear_forward",
+    "reference",
+    "set_backend",
+]

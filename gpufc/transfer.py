@@ -1,0 +1,215 @@
+"""Host <-> device movement: the one module that touches the caller's arrays.
+
+Input rules (ARCHITECTURE.md): NumPy in -> NumPy out; CuPy in -> CuPy out with
+no host copy; any other CUDA array (``__cuda_array_interface__`` or DLPack on
+a CUDA device, e.g. a torch tensor) in -> the same type out, zero-copy.
+
+An :class:`Operand` records what the caller passed (its kind, shape, dtype)
+without moving it. :func:`device_view` gives the kernels a C-contiguous Numba
+device view (copying only a host array or a non-contiguous device array);
+:func:`empty` allocates an output (CuPy on the ``cuda`` backend, Numba's
+simulator arrays on ``sim``); :func:`to_caller` returns it in the caller's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from . import backend as _backend
+
+_KDL_CUDA = 2  # DLPack device types: 2 = CUDA, 13 = CUDA managed
+_KDL_CUDA_MANAGED = 13
+
+
+@dataclasses.dataclass
+class Operand:
+    """One argument as the caller passed it.
+
+    kind: ``"numpy"`` (host memory), ``"cupy"``, or ``"device"`` (another CUDA array type).
+    """
+
+    name: str
+    value: object
+    kind: str
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def _module_root(obj) -> str:
+    return type(obj).__module__.split(".", 1)[0]
+
+
+def _is_cuda_dlpack(obj) -> bool:
+    dev = getattr(obj, "__dlpack_device__", None)
+    if dev is None:
+        return False
+    try:
+        return dev()[0] in (_KDL_CUDA, _KDL_CUDA_MANAGED)
+    except Exception:
+        return False
+
+
+def operand(value, name: str) -> Operand:
+    """Classify ``value`` (argument ``name``) without copying it."""
+    if _module_root(value) == "cupy" and hasattr(value, "__cuda_array_interface__"):
+        return Operand(name, value, "cupy", tuple(value.shape), np.dtype(value.dtype))
+    cai = None
+    try:
+        cai = value.__cuda_array_interface__
+    except AttributeError:
+        pass
+    except RuntimeError as err:  # e.g. torch: a tensor that requires grad refuses it
+        raise TypeError(f"{name}: cannot read its CUDA array interface ({err})") from err
+    if cai is not None:
+        return Operand(name, value, "device", tuple(cai["shape"]), np.dtype(cai["typestr"]))
+    if _is_cuda_dlpack(value):
+        cupy = _require_cupy(name)
+        arr = cupy.from_dlpack(value)
+        return Operand(name, value, "device", tuple(arr.shape), np.dtype(arr.dtype))
+    if isinstance(value, np.ndarray):
+        return Operand(name, value, "numpy", value.shape, value.dtype)
+    try:
+        arr = np.asarray(value)
+    except Exception as err:
+        raise TypeError(
+            f"{name} must be a NumPy, CuPy or CUDA array (or array-like), got {type(value).__name__}"
+        ) from err
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(value).__name__} of objects")
+    return Operand(name, arr, "numpy", arr.shape, arr.dtype)
+
+
+def _require_cupy(name: str):
+    try:
+        import cupy
+    except ImportError as err:
+        raise TypeError(f"{name} is a CUDA array; gpufc needs CuPy to take it (pip install 'gpufc[cuda13]')") from err
+    return cupy
+
+
+def host_array(op: Operand) -> np.ndarray:
+    """The operand as a NumPy array (the ``cpu`` backend); device arrays are refused."""
+    if op.kind != "numpy":
+        raise TypeError(
+            f"{op.name} is a CUDA array ({type(op.value).__name__}) but the gpufc backend is 'cpu'; "
+            "pass a NumPy array or select the 'cuda' backend"
+        )
+    return op.value
+
+
+def device_view(op: Operand, shape=None):
+    """A C-contiguous Numba device view of ``op`` (reshaped to ``shape``), copying only when needed.
+
+    Returns ``(view, keepalive)``: hold ``keepalive`` until the kernels that read the view are queued.
+    """
+    cuda = _backend.numba_cuda()
+    shape = op.shape if shape is None else shape
+    if op.kind == "numpy":
+        host = np.ascontiguousarray(op.value).reshape(shape)
+        cupy = _backend.cupy_or_none()
+        if cupy is None:
+            dev = cuda.to_device(host, stream=current_stream())
+            return dev, dev
+        arr = cupy.asarray(host)
+        return _numba_view(arr), arr
+    cupy = _require_cupy(op.name)
+    if op.kind == "cupy" or hasattr(op.value, "__cuda_array_interface__"):
+        arr = cupy.asarray(op.value)  # zero-copy for anything with a CUDA array interface
+    else:
+        arr = cupy.from_dlpack(op.value)
+    arr = cupy.ascontiguousarray(arr).reshape(shape)  # a copy only when strided
+    return _numba_view(arr), arr
+
+
+def _numba_view(arr):
+    cuda = _backend.numba_cuda()
+    # sync=False: gpufc orders its launches on the caller's stream itself, so Numba
+    # need not synchronise the producer's stream on every argument.
+    return cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
+
+
+def empty(shape, dtype):
+    """Allocate an uninitialised device array: ``(view, holder)``."""
+    cupy = _backend.cupy_or_none()
+    if cupy is None:
+        cuda = _backend.numba_cuda()
+        dev = cuda.device_array(shape, dtype=dtype, stream=current_stream())
+        return dev, dev
+    arr = cupy.empty(shape, dtype=dtype)
+    return _numba_view(arr), arr
+
+
+def to_host(op: Operand) -> np.ndarray:
+    """A NumPy copy of any operand (small or empty results only: this synchronises)."""
+    if op.kind == "numpy":
+        return np.asarray(op.value)
+    cupy = _require_cupy(op.name)
+    if op.kind == "cupy" or hasattr(op.value, "__cuda_array_interface__"):
+        return cupy.asnumpy(cupy.asarray(op.value))
+    return cupy.asnumpy(cupy.from_dlpack(op.value))
+
+
+def from_host(arr: np.ndarray, like: Operand):
+    """A host result returned in the caller's type (uploaded when ``like`` is a device array)."""
+    if like.kind == "numpy":
+        return arr
+    cupy = _require_cupy(like.name)
+    return to_caller(cupy.asarray(arr), like)
+
+
+def to_caller(holder, like: Operand, shape=None):
+    """Return ``holder`` (the result) in the type of the caller's ``like`` operand."""
+    if shape is not None:
+        holder = holder.reshape(shape)
+    if like.kind == "numpy":
+        if isinstance(holder, np.ndarray):
+            return holder
+        if _module_root(holder) == "cupy":
+            return holder.get()
+        return holder.copy_to_host(stream=current_stream())
+    if like.kind == "cupy":
+        return holder
+    return _foreign(holder, like.value)
+
+
+def _foreign(holder, like):
+    """Wrap a CuPy result as the caller's device array type, zero-copy."""
+    root = _module_root(like)
+    if root == "torch":
+        import torch
+
+        return torch.from_dlpack(holder)
+    if root == "numba":
+        from numba import cuda
+
+        return cuda.as_cuda_array(holder)
+    module = sys.modules.get(root)
+    from_dlpack = getattr(module, "from_dlpack", None)
+    if from_dlpack is not None:
+        return from_dlpack(holder)
+    return holder  # unknown CUDA array type: CuPy exposes the same interface
+
+
+_streams: dict = {}
+
+
+def current_stream():
+    """The Numba stream to launch on: CuPy's current stream on ``cuda``, else the default stream."""
+    cuda = _backend.numba_cuda()
+    cupy = _backend.cupy_or_none()
+    if cupy is None:
+        return cuda.default_stream()
+    ptr = cupy.cuda.get_current_stream().ptr
+    if ptr == 0:
+        return cuda.default_stream()
+    stream = _streams.get(ptr)
+    if stream is None:
+        stream = _streams[ptr] = cuda.external_stream(ptr)
+    return stream

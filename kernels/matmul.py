@@ -1,0 +1,193 @@
+"""Tiled matmul-plus-bias with the fused epilogue, forward and backward.
+
+Math, one naming scheme throughout::
+
+    forward:   x (M, K) @ w (K, N) + b (N) -> act -> dropout -> y (M, N)
+    backward:  g (M, N) @ w.T -> grad_x (M, K)          (trans_b: w read as (K, N), used as (N, K))
+               x.T @ g (M, N) -> grad_w (K, N)          (trans_a: x read as (M, K), used as (K, M))
+
+Every version computes ``c = op(a) @ op(b)`` followed by an :class:`Epilogue`;
+``trans_a`` / ``trans_b`` are kernel specialisations that read the operand in
+its stored layout, never a host transpose. FLOPs: ``2 M N K``; the fewest
+bytes moved are ``(M K + K N + M N) * itemsize`` (+ ``M N`` for a kept
+pre-activation).
+
+Version 1 (this file's ``v1``): the textbook shared-memory tiling. A block of
+T x T threads owns a T x T tile of the output, one element per thread; it walks
+K in steps of T, staging a T x T tile of each operand in shared memory
+(``2 T^2 itemsize`` bytes: 2 KiB for float32 at T = 16). Each fused
+multiply-add costs two shared loads, so it is bound by shared-memory bandwidth
+at a small fraction of peak: it is the baseline every later version is
+measured against, and it is kept forever.
+
+Grid: blockIdx.x walks the row tiles (limit 2**31 - 1, so M has no practical
+limit), blockIdx.y the column tiles (65535 * T columns).
+"""
+
+import dataclasses
+import functools
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .epilogue import PLAIN, Epilogue, make_epilogue
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class V1Config:
+    """Version 1: one output element per thread, ``tile`` x ``tile`` threads per block."""
+
+    tile: int = 16
+    version: int = 1
+
+    def __post_init__(self):
+        assert self.tile in (4, 8, 16, 32), (
+            f"The v1 tile must be 4, 8, 16 or 32 so a block is at most 1024 threads; got {self.tile}."
+        )
+
+    @property
+    def name(self) -> str:
+        return f"v1_t{self.tile}"
+
+    @property
+    def threads(self) -> int:
+        return self.tile * self.tile
+
+    def shared_bytes(self, dtype) -> int:
+        return 2 * self.tile * self.tile * np.dtype(dtype).itemsize
+
+    def grid(self, m: int, n: int) -> tuple[int, int]:
+        return ceil_div(m, self.tile), ceil_div(n, self.tile)
+
+    def block(self) -> tuple[int, int]:
+        return self.tile, self.tile
+
+
+V1 = V1Config()
+
+
+def signature(dtype, trans_a=False, trans_b=False) -> str:
+    """The one launch signature every matmul version shares (C-contiguous operands).
+
+    (a, b, bias, y, zout, k0, k1, offset, threshold, scale)
+    """
+    t = numba.from_dtype(np.dtype(dtype))
+    return (
+        f"void({t}[:, ::1], {t}[:, ::1], {t}[::1], {t}[:, ::1], {t}[:, ::1], "
+        f"uint32, uint32, uint64, uint64, {t})"
+    )
+
+
+def _v1_source(cfg: V1Config, dtype, trans_a: bool, trans_b: bool, ep: Epilogue):
+    """The Python function of a version-1 kernel (not yet compiled)."""
+    T = cfg.tile
+    nbtype = numba.from_dtype(np.dtype(dtype))
+    zero = np.dtype(dtype).type(0)
+    store = make_epilogue(ep, dtype)
+
+    def matmul_v1(a, b, bias, y, zout, k0, k1, offset, threshold, scale):
+        # a is (M, K) ((K, M) if trans_a), b is (K, N) ((N, K) if trans_b), y and zout (M, N)
+        m, n = y.shape
+        k = a.shape[0] if trans_a else a.shape[1]
+        a_tile = cuda.shared.array((T, T), nbtype)
+        b_tile = cuda.shared.array((T, T), nbtype)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        row = cuda.blockIdx.x * T + ty
+        col = cuda.blockIdx.y * T + tx
+        acc = zero
+        for k0_tile in range(0, k, T):
+            # Populate the shared tiles; out-of-range elements are zeros so the
+            # inner loop needs no bounds checks. tx runs along rows in memory
+            # for the untransposed operands, so those loads coalesce.
+            ka = k0_tile + tx
+            if row < m and ka < k:
+                a_tile[ty, tx] = a[ka, row] if trans_a else a[row, ka]
+            else:
+                a_tile[ty, tx] = zero
+            kb = k0_tile + ty
+            if kb < k and col < n:
+                b_tile[ty, tx] = b[col, kb] if trans_b else b[kb, col]
+            else:
+                b_tile[ty, tx] = zero
+            # Both tiles must be complete before any thread reads them.
+            cuda.syncthreads()
+            for kk in range(T):
+                acc += a_tile[ty, kk] * b_tile[kk, tx]
+            # Every thread must be done reading before the next step overwrites the tiles.
+            cuda.syncthreads()
+        if row < m and col < n:
+            store(y, zout, bias, row, col, acc, n, k0, k1, offset, threshold, scale)
+
+    return matmul_v1
+
+
+@functools.lru_cache(maxsize=None)
+def make_matmul_kernel(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN):
+    """Compiled kernel for one (config, dtype, transposes, epilogue), cached."""
+    return cuda.jit(signature(dtype, trans_a, trans_b))(kernel_source(cfg, dtype, trans_a, trans_b, ep))
+
+
+def kernel_source(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN):
+    """The uncompiled Python function for ``cfg``, for ``cuda.compile_ptx``."""
+    if isinstance(cfg, V1Config):
+        return _v1_source(cfg, np.dtype(dtype).type, trans_a, trans_b, ep)
+    raise TypeError(f"config must be a matmul configuration, got {cfg!r}")
+
+
+def launch_matmul(a, b, bias, y, zout, *, trans_a=False, trans_b=False, ep: Epilogue = PLAIN,
+                  key=(0, 0), offset=0, threshold=0, scale=0.0, config=V1, stream=0):
+    """Launch ``y = epilogue(op(a) @ op(b))`` on device arrays (Numba views, C-contiguous).
+
+    Shapes: a (M, K) or (K, M) with trans_a; b (K, N) or (N, K) with trans_b;
+    bias (N,) (any 1-element array when ``ep.bias`` is False); y (M, N);
+    zout (M, N) (may be ``y`` when ``ep.save_preact`` is False).
+    The caller has validated shapes and dtypes; M, N > 0.
+    """
+    dtype = y.dtype
+    m, n = y.shape
+    kern = make_matmul_kernel(config, np.dtype(dtype).type, bool(trans_a), bool(trans_b), ep)
+    kern[config.grid(m, n), config.block(), stream](
+        a, b, bias, y, zout, np.uint32(key[0]), np.uint32(key[1]),
+        np.uint64(offset), np.uint64(threshold), np.dtype(dtype).type(scale),
+    )
+
+
+def bias_grad_source(dtype):
+    zero = np.dtype(dtype).type(0)
+
+    def bias_grad_v1(g, out):
+        # g is (M, N), out is (N,): out[j] = sum_i g[i, j]. One thread per column;
+        # consecutive threads read consecutive columns of a row, so loads coalesce.
+        j = cuda.grid(1)
+        if j < out.size:
+            acc = zero
+            for i in range(g.shape[0]):
+                acc += g[i, j]
+            out[j] = acc
+
+    return bias_grad_v1
+
+
+def _bias_grad_sig(dtype) -> str:
+    t = numba.from_dtype(np.dtype(dtype))
+    return f"void({t}[:, ::1], {t}[::1])"
+
+
+@functools.lru_cache(maxsize=None)
+def make_bias_grad_kernel(dtype):
+    return cuda.jit(_bias_grad_sig(dtype))(bias_grad_source(np.dtype(dtype).type))
+
+
+BIAS_GRAD_THREADS = 128
+
+
+def launch_bias_grad(g, out, *, stream=0):
+    """``out (N,) = g (M, N).sum(0)``, N > 0 (M may be 0: the sum is then 0)."""
+    kern = make_bias_grad_kernel(np.dtype(g.dtype).type)
+    kern[ceil_div(out.size, BIAS_GRAD_THREADS), BIAS_GRAD_THREADS, stream](g, out)
