@@ -105,3 +105,16 @@ def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset,
         grad, z, g, np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset), np.uint64(threshold),
         np.dtype(grad.dtype).type(scale),
     )
+
+
+def catalogue():
+    """KernelSpec entries for every dropout kernel (see kernels.catalogue)."""
+    from .activations import NAMES
+    from .catalogue import KernelSpec
+
+    for dt in (np.float32, np.float64):
+        dn = np.dtype(dt).name
+        yield KernelSpec(f"dropout/v1/{dn}", dropout_v1_source(dt), _flat_sig(dt))
+        for act in NAMES:
+            yield KernelSpec(f"act_dropout_backward/{dn}/{act or 'id'}+drop",
+                             act_dropout_backward_source(dt, act, True), _act_bwd_sig(dt))

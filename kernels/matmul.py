@@ -191,3 +191,25 @@ def launch_bias_grad(g, out, *, stream=0):
     """``out (N,) = g (M, N).sum(0)``, N > 0 (M may be 0: the sum is then 0)."""
     kern = make_bias_grad_kernel(np.dtype(g.dtype).type)
     kern[ceil_div(out.size, BIAS_GRAD_THREADS), BIAS_GRAD_THREADS, stream](g, out)
+
+
+def catalogue():
+    """KernelSpec entries for every configuration (see kernels.catalogue)."""
+    from .catalogue import KernelSpec
+
+    full = Epilogue("gelu", bias=True, dropout=True, save_preact=True)
+    for cfg in (V1,):
+        for dt in (np.float32, np.float64):
+            dn = np.dtype(dt).name
+            for ta, tb, ep, tag in ((False, False, PLAIN, "NN"), (False, False, full, "NN"),
+                                    (False, True, PLAIN, "NT"), (True, False, PLAIN, "TN")):
+                yield KernelSpec(
+                    f"matmul/{cfg.name}/{dn}/{tag}/{ep.tag}",
+                    kernel_source(cfg, dt, ta, tb, ep), signature(dt, ta, tb), main_loop=True,
+                )
+    for act in ("relu", "gelu_tanh", "tanh", "sigmoid"):
+        ep = Epilogue(act, bias=True, dropout=True, save_preact=False)
+        yield KernelSpec(f"matmul/{V1.name}/float32/NN/{ep.tag}", kernel_source(V1, np.float32, ep=ep),
+                         signature(np.float32))
+    for dt in (np.float32, np.float64):
+        yield KernelSpec(f"bias_grad/v1/{np.dtype(dt).name}", bias_grad_source(dt), _bias_grad_sig(dt))

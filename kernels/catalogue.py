@@ -1,0 +1,23 @@
+"""Every kernel specialisation gpufc ships, as data, for the compile tier and the static report.
+
+``specs()`` lists :class:`KernelSpec` entries: a name, the uncompiled Python
+function and its launch signature, which is what ``numba.cuda.compile_ptx``
+takes. Each op module contributes its own ``catalogue()``; this module only
+gathers them, so adding a configuration to an op adds it here.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    name: str  # unique, e.g. "matmul/v1_t16/float32/NN/gelu+bias+drop+z"
+    pyfunc: object  # the Python function before cuda.jit
+    signature: str  # the launch signature, e.g. "void(float32[:, ::1], ...)"
+    main_loop: bool = False  # True where the static report should measure the main loop's FFMA share
+
+
+def specs():
+    from . import dropout, matmul
+
+    return list(matmul.catalogue()) + list(dropout.catalogue())
