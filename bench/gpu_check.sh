@@ -8,6 +8,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The device image pairs numba-cuda 0.30.4 with NumPy 2.5, whose removal of
+# np.row_stack breaks numba-cuda's CUDA target at the first compile. Wheels
+# carried in .whl/ (NumPy 2.4.6 for cp312) are put first on the path.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 unset NUMBA_ENABLE_CUDASIM GPUFC_BACKEND
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; python3 -m gpufc info; } 2>&1 | tee "$OUT/info.txt"
