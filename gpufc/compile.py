@@ -35,6 +35,11 @@ def find_tool(name: str) -> str | None:
     return None
 
 
+class ToolchainMismatch(RuntimeError):
+    """ptxas is older than the PTX ISA that numba-cuda's NVVM emits (e.g. a system CUDA 13.0
+    ptxas beside NVVM 13.5): install the ``nvidia-cuda-nvcc`` wheel matching ``nvidia-nvvm``."""
+
+
 @dataclasses.dataclass
 class Resources:
     name: str
@@ -75,9 +80,12 @@ def assemble(spec, cc=(9, 0), *, disassemble=True) -> Resources:
         src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run([ptxas, "-v", f"-arch={arch}", "-O3", src, "-o", cubin],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([ptxas, "-v", f"-arch={arch}", "-O3", src, "-o", cubin], capture_output=True, text=True)
         log = out.stdout + out.stderr
+        if out.returncode != 0:
+            if "Unsupported .version" in log:
+                raise ToolchainMismatch(f"{ptxas}: {log.strip().splitlines()[0]}")
+            raise RuntimeError(f"ptxas failed on {spec.name} for {arch}:\n{log}")
         m = _PTXAS_LINE.search(log)
         regs = re.search(r"Used (\d+) registers", log)
         smem = re.search(r"(\d+) bytes smem", log)

@@ -21,6 +21,10 @@ except Exception as err:  # no NVVM in this environment
     print(json.dumps({"skip": f"cannot compile PTX here: {type(err).__name__}: {err}"})); sys.exit(0)
 if C.find_tool("ptxas") is None:
     print(json.dumps({"skip": "ptxas not found (pip install nvidia-cuda-nvcc)"})); sys.exit(0)
+try:
+    C.assemble(specs[0], (8, 0), disassemble=False)
+except C.ToolchainMismatch as err:
+    print(json.dumps({"skip": f"ptxas cannot assemble this NVVM's PTX: {err}"})); sys.exit(0)
 rows = []
 for cc in ((8, 0), (9, 0)):
     for s in specs:
