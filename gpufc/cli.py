@@ -12,6 +12,9 @@ import sys
 
 import numpy as np
 
+from .bench import cmd_bench  # light at import: numpy and the standard library
+from .train import cmd_train
+
 DEMO_SEED = 2024
 
 
@@ -51,6 +54,8 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "info": (cmd_info, "print the backend, device and versions"),
     "demo": (cmd_demo, "run the seed article's fully connected and dropout examples"),
+    "bench": (cmd_bench, "benchmark against cuBLAS/PyTorch/NumPy on the active backend (cpu: not a GPU measurement)"),
+    "train": (cmd_train, "train an MLP on scikit-learn's handwritten digits; prints the test accuracy last"),
 }
 
 

@@ -9,11 +9,22 @@ the caller's array type. Shapes use one scheme::
 
 Leading dims of ``x`` are batch dims; the dropout mask is indexed over the
 ``(rows, N)`` output with ``rows = prod(x.shape[:-1])``.
+
+Every function takes ``stream=``: None queues the kernels on CuPy's current
+stream; a CuPy, torch or Numba stream, anything with ``__cuda_stream__``, or a
+raw ``cudaStream_t`` int queues them (and the outputs' allocations) on that
+stream instead. Nothing synchronises unless a NumPy caller needs its result.
+
+The device half is split in two so that :mod:`gpufc.layers` can reuse it with
+parameters whose device views it keeps between calls: :func:`forward_device`
+and :func:`backward_device` take Numba views, allocate one array per output
+and launch; the public functions validate, make the views and return the
+caller's types.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 
 import numpy as np
 
@@ -47,46 +58,47 @@ def _check_activation(activation) -> None:
         raise ValueError(f"activation must be one of {_ref.ACTIVATIONS}, got activation={activation!r}")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Dropout:
-    """A validated dropout request: the kernels' integer threshold and dtype scale."""
+class Dropout:
+    """A validated dropout request: the kernels' key, integer threshold and per-dtype scale.
 
-    p: float
-    seed: int
-    offset: int
-    active: bool
+    Built once per ``(p, seed)`` by a layer and moved along with :meth:`at`, so
+    a training step does not re-validate or recompute them.
+    """
+
+    __slots__ = ("_scales", "active", "key", "offset", "p", "seed", "threshold")
+
+    def __init__(self, p: float, seed: int, offset: int, active: bool, key, threshold: int, scales: dict):
+        self.p, self.seed, self.offset, self.active = p, seed, offset, active
+        self.key, self.threshold, self._scales = key, threshold, scales
 
     @classmethod
-    def make(cls, p, seed, offset, training) -> _Dropout:
+    def make(cls, p, seed, offset, training) -> Dropout:
         p = _ref.check_p(p)
         seed = _ref.check_seed(seed)
         offset = _ref.check_offset(offset)
-        return cls(p, seed, offset, bool(training) and p > 0.0)
+        key = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
+        return cls(p, seed, offset, bool(training) and p > 0.0, key, _ref.dropout_threshold(p), {})
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF
-
-    @property
-    def threshold(self) -> int:
-        return _ref.dropout_threshold(self.p)
+    def at(self, offset: int, active: bool = True) -> Dropout:
+        """The same ``(p, seed)`` at another offset; ``active=False`` is the identity."""
+        return Dropout(self.p, self.seed, offset, active and self.p > 0.0, self.key, self.threshold, self._scales)
 
     def scale(self, dtype):
-        return _ref.dropout_scale(self.p, dtype)
+        dtype = np.dtype(dtype)
+        s = self._scales.get(dtype)
+        if s is None:
+            s = self._scales[dtype] = _ref.dropout_scale(self.p, dtype)
+        return s
 
     def kernel_args(self, dtype) -> dict:
-        return dict(key=self.key, offset=self.offset, threshold=self.threshold, scale=self.scale(dtype))
+        return {"key": self.key, "offset": self.offset, "threshold": self.threshold, "scale": self.scale(dtype)}
 
 
-@dataclasses.dataclass
 class _LinearArgs:
-    x: _tx.Operand
-    w: _tx.Operand
-    b: _tx.Operand | None
-    rows: int
-    k: int
-    n: int
-    out_shape: tuple
+    __slots__ = ("b", "k", "n", "out_shape", "rows", "w", "x")
+
+    def __init__(self, x, w, b, rows, k, n, out_shape):
+        self.x, self.w, self.b, self.rows, self.k, self.n, self.out_shape = x, w, b, rows, k, n, out_shape
 
 
 def _linear_args(x, weights, biases, activation) -> _LinearArgs:
@@ -110,8 +122,92 @@ def _linear_args(x, weights, biases, activation) -> _LinearArgs:
         if bo.shape != (n,):
             raise ValueError(f"biases must have shape ({n},) to match weights.shape={wo.shape}, got biases.shape={bo.shape}")
     _check_activation(activation)
-    rows = int(np.prod(xo.shape[:-1], dtype=np.int64))
+    rows = math.prod(xo.shape[:-1])
     return _LinearArgs(xo, wo, bo, rows, k, n, tuple(xo.shape[:-1]) + (n,))
+
+
+# ----------------------------------------------------------------------------
+# Device halves, shared with gpufc.layers
+# ----------------------------------------------------------------------------
+
+_cache: dict = {}  # the kernels module, epilogues and 1-element dummy biases, built once
+
+
+def _kernels():
+    k = _cache.get("kernels")
+    if k is None:
+        k = _cache["kernels"] = _backend.kernels()
+    return k
+
+
+def _epilogue(activation, bias: bool, dropout: bool, save: bool):
+    key = (activation, bias, dropout, save)
+    ep = _cache.get(key)
+    if ep is None:
+        ep = _cache[key] = _kernels().epilogue.Epilogue(activation, bias, dropout, save)
+    return ep
+
+
+def _dummy_bias(dtype):
+    """A 1-element device array for kernels launched without a bias (never read)."""
+    key = ("dummy", _backend.get_backend(), np.dtype(dtype))
+    entry = _cache.get(key)
+    if entry is None:
+        entry = _cache[key] = _tx.empty((1,), dtype)
+    return entry[0]
+
+
+def forward_device(xv, wv, bv, rows: int, n: int, dtype, activation, drop: Dropout, save: bool, stream):
+    """Launch ``y = dropout(act(x @ w + b))`` on device views; one allocation per output.
+
+    Shapes: xv (rows, K), wv (K, N), bv (N,) or None; rows, K, N > 0.
+    Returns ``(y_holder, z_view, z_holder)``: the output and, when ``save``,
+    the pre-activation ``x @ w + b`` (else None, None).
+    """
+    k = _kernels()
+    yv, yh = _tx.empty((rows, n), dtype)
+    zv, zh = _tx.empty((rows, n), dtype) if save else (yv, None)
+    ep = _epilogue(activation, bv is not None, drop.active, save)
+    k.matmul.launch_matmul(xv, wv, _dummy_bias(dtype) if bv is None else bv, yv, zv, ep=ep, stream=stream,
+                           **drop.kernel_args(dtype))
+    return yh, (zv if save else None), zh
+
+
+def backward_device(xv, wv, gov, zv, rows: int, k: int, n: int, dtype, activation, drop: Dropout, stream,
+                    need_x: bool = True, need_b: bool = True):
+    """Launch the backward of :func:`forward_device` on device views.
+
+    Shapes: xv (rows, K), wv (K, N), gov and zv (rows, N) (zv only read with an
+    activation); rows, K, N > 0. ``g = dropout'(grad) * act'(z)`` is one fused
+    elementwise kernel, then ``grad_x = g @ w.T`` and ``grad_w = x.T @ g`` read
+    the operands in their stored layouts, and ``grad_b = g.sum(0)``.
+    Returns holders ``(grad_x or None, grad_w, grad_b or None)``.
+    """
+    kk = _kernels()
+    if activation is not None or drop.active:
+        gv, _gh = _tx.empty((rows * n,), dtype)
+        zflat = zv.reshape(rows * n) if activation is not None else gv
+        kk.dropout.launch_act_dropout_backward(
+            gov.reshape(rows * n), zflat, gv, activation=activation, dropout=drop.active, stream=stream,
+            **drop.kernel_args(dtype),
+        )
+        g2 = gv.reshape(rows, n)
+    else:
+        g2 = gov
+    dummy = _dummy_bias(dtype)
+    gxh = None
+    if need_x:
+        gxv, gxh = _tx.empty((rows, k), dtype)
+        # grad_x = g @ w.T: w is read in its stored (K, N) layout as the (N, K) operand.
+        kk.matmul.launch_matmul(g2, wv, dummy, gxv, gxv, trans_b=True, stream=stream)
+    gwv, gwh = _tx.empty((k, n), dtype)
+    # grad_w = x.T @ g: x is read in its stored (M, K) layout as the (K, M) operand.
+    kk.matmul.launch_matmul(xv, g2, dummy, gwv, gwv, trans_a=True, stream=stream)
+    gbh = None
+    if need_b:
+        gbv, gbh = _tx.empty((n,), dtype)
+        kk.matmul.launch_bias_grad(g2, gbv, stream=stream)
+    return gxh, gwh, gbh
 
 
 # ----------------------------------------------------------------------------
@@ -119,7 +215,8 @@ def _linear_args(x, weights, biases, activation) -> _LinearArgs:
 # ----------------------------------------------------------------------------
 
 
-def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True, seed=0, offset=0):
+def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True, seed=0, offset=0,
+           stream=None):
     """Fully connected layer: ``dropout(act(x @ weights + biases))``, fused in one kernel.
 
     Args:
@@ -131,6 +228,7 @@ def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=
         dropout_p: probability of zeroing an output element, in [0, 1].
         training: dropout is the identity when False.
         seed, offset: the Philox key and element offset of the dropout mask.
+        stream: where to queue the work (see the module docstring); None is CuPy's current stream.
 
     Returns:
         ``(..., output_size)`` in the caller's array type.
@@ -140,48 +238,49 @@ def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=
     """
     y, _ = linear_forward(
         x, weights, biases, activation=activation, dropout_p=dropout_p, training=training,
-        seed=seed, offset=offset, save_preact=False,
+        seed=seed, offset=offset, save_preact=False, stream=stream,
     )
     return y
 
 
 def linear_forward(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True,
-                   seed=0, offset=0, save_preact=False):
+                   seed=0, offset=0, save_preact=False, stream=None):
     """:func:`linear` that also returns the pre-activation ``x @ weights + biases`` when asked.
 
     Returns ``(y, preact)``; ``preact`` is None unless ``save_preact`` (the layers
     keep it for the activation's derivative in backward).
     """
     a = _linear_args(x, weights, biases, activation)
-    drop = _Dropout.make(dropout_p, seed, offset, training)
+    drop = Dropout.make(dropout_p, seed, offset, training)
     save = bool(save_preact)
-    if _backend.get_backend() == "cpu":
-        xh = _tx.host_array(a.x).reshape(a.rows, a.k)
-        w = _tx.host_array(a.w)
-        z = xh @ w
-        if a.b is not None:
-            z = z + _tx.host_array(a.b)
-        y = _ref.activation(z, activation)
-        if drop.active:
-            y = _ref.dropout(y, drop.p, seed=drop.seed, offset=drop.offset)
-        return y.reshape(a.out_shape), (z.reshape(a.out_shape) if save else None)
-
-    if a.rows == 0 or a.n == 0 or a.k == 0:
-        return _empty_linear(a, activation, drop, save)
-    k = _backend.kernels()
-    stream = _tx.current_stream()
-    xv, _xk = _tx.device_view(a.x, (a.rows, a.k))
-    wv, _wk = _tx.device_view(a.w)
-    bv, _bk = _tx.device_view(a.b) if a.b is not None else (wv.reshape(-1), None)
-    yv, yh = _tx.empty((a.rows, a.n), a.x.dtype)
-    zv, zh = _tx.empty((a.rows, a.n), a.x.dtype) if save else (yv, None)
-    ep = k.epilogue.Epilogue(activation, a.b is not None, drop.active, save)
-    k.matmul.launch_matmul(xv, wv, bv, yv, zv, ep=ep, stream=stream, **drop.kernel_args(a.x.dtype))
-    y = _tx.to_caller(yh, a.x, a.out_shape)
-    return y, (_tx.to_caller(zh, a.x, a.out_shape) if save else None)
+    with _tx.stream_scope(stream) as s:
+        if _backend.get_backend() == "cpu":
+            b = None if a.b is None else _tx.host_array(a.b)
+            y, z = _ref_forward(_tx.host_array(a.x).reshape(a.rows, a.k), _tx.host_array(a.w), b,
+                                activation, drop)
+            return y.reshape(a.out_shape), (z.reshape(a.out_shape) if save else None)
+        if a.rows == 0 or a.n == 0 or a.k == 0:
+            return _empty_linear(a, activation, drop, save)
+        xv, _xk = _tx.device_view(a.x, (a.rows, a.k))
+        wv, _wk = _tx.device_view(a.w)
+        bv, _bk = _tx.device_view(a.b) if a.b is not None else (None, None)
+        yh, _zv, zh = forward_device(xv, wv, bv, a.rows, a.n, a.x.dtype, activation, drop, save, s)
+        y = _tx.to_caller(yh, a.x, a.out_shape)
+        return y, (_tx.to_caller(zh, a.x, a.out_shape) if save else None)
 
 
-def _empty_linear(a: _LinearArgs, activation, drop: _Dropout, save: bool):
+def _ref_forward(x2, w, b, activation, drop: Dropout):
+    """The cpu backend's forward: ``(y, z)`` for ``x2 (rows, K)``, NumPy throughout."""
+    z = x2 @ w
+    if b is not None:
+        z += b
+    y = _ref.activation(z, activation)
+    if drop.active:
+        y = _ref.dropout(y, drop.p, seed=drop.seed, offset=drop.offset)
+    return y, z
+
+
+def _empty_linear(a: _LinearArgs, activation, drop: Dropout, save: bool):
     """K == 0 gives act(biases) broadcast (dropped where the mask says); empty shapes give empties."""
     dtype = a.x.dtype
     if a.rows == 0 or a.n == 0:
@@ -197,7 +296,7 @@ def _empty_linear(a: _LinearArgs, activation, drop: _Dropout, save: bool):
 
 
 def linear_backward(x, weights, grad_output, preact=None, *, biases=None, activation=None,
-                    dropout_p=0.0, training=True, seed=0, offset=0):
+                    dropout_p=0.0, training=True, seed=0, offset=0, stream=None):
     """Backward of :func:`linear`.
 
     Args:
@@ -208,6 +307,7 @@ def linear_backward(x, weights, grad_output, preact=None, *, biases=None, activa
             :func:`linear_forward` with ``save_preact=True``); needed when
             ``activation`` is not None, recomputed if omitted.
         biases, activation, dropout_p, training, seed, offset: as in the forward.
+        stream: where to queue the work, as in :func:`linear`.
 
     Returns:
         ``(grad_x (..., K), grad_weights (K, N), grad_biases (N,))`` in the caller's type.
@@ -219,9 +319,10 @@ def linear_backward(x, weights, grad_output, preact=None, *, biases=None, activa
     _check_same_dtype(a.x, go)
     if go.shape != a.out_shape:
         raise ValueError(f"grad_output must have shape {a.out_shape} (the forward's output), got {go.shape}")
-    drop = _Dropout.make(dropout_p, seed, offset, training)
+    drop = Dropout.make(dropout_p, seed, offset, training)
     if activation is not None and preact is None:
-        _, preact = linear_forward(x, weights, biases, activation=activation, training=False, save_preact=True)
+        _, preact = linear_forward(x, weights, biases, activation=activation, training=False, save_preact=True,
+                                   stream=stream)
     po = None
     if activation is not None:
         po = _tx.operand(preact, "preact")
@@ -229,40 +330,22 @@ def linear_backward(x, weights, grad_output, preact=None, *, biases=None, activa
         if po.shape != a.out_shape:
             raise ValueError(f"preact must have shape {a.out_shape}, got {po.shape}")
 
-    if _backend.get_backend() == "cpu" or a.rows == 0 or a.n == 0 or a.k == 0:
-        return _linear_backward_host(a, go, po, activation, drop)
-
-    k = _backend.kernels()
-    dtype = a.x.dtype
-    stream = _tx.current_stream()
-    xv, _xk = _tx.device_view(a.x, (a.rows, a.k))
-    wv, _wk = _tx.device_view(a.w)
-    gov, _gk = _tx.device_view(go, (a.rows * a.n,))
-    if activation is not None or drop.active:
-        zv, _zk = _tx.device_view(po, (a.rows * a.n,)) if po is not None else (gov, None)
-        gv, _g = _tx.empty((a.rows * a.n,), dtype)
-        k.dropout.launch_act_dropout_backward(
-            gov, zv, gv, activation=activation, dropout=drop.active, stream=stream, **drop.kernel_args(dtype)
+    with _tx.stream_scope(stream) as s:
+        if _backend.get_backend() == "cpu" or a.rows == 0 or a.n == 0 or a.k == 0:
+            return _linear_backward_host(a, go, po, activation, drop)
+        xv, _xk = _tx.device_view(a.x, (a.rows, a.k))
+        wv, _wk = _tx.device_view(a.w)
+        gov, _gk = _tx.device_view(go, (a.rows, a.n))
+        zv, _zk = _tx.device_view(po, (a.rows, a.n)) if po is not None else (None, None)
+        gxh, gwh, gbh = backward_device(xv, wv, gov, zv, a.rows, a.k, a.n, a.x.dtype, activation, drop, s)
+        return (
+            _tx.to_caller(gxh, a.x, a.x.shape),
+            _tx.to_caller(gwh, a.x),
+            _tx.to_caller(gbh, a.x),
         )
-    else:
-        gv = gov
-    g2 = gv.reshape(a.rows, a.n)
-    gxv, gxh = _tx.empty((a.rows, a.k), dtype)
-    gwv, gwh = _tx.empty((a.k, a.n), dtype)
-    gbv, gbh = _tx.empty((a.n,), dtype)
-    # grad_x = g @ w.T: w is read in its stored (K, N) layout as the (N, K) operand.
-    k.matmul.launch_matmul(g2, wv, gbv, gxv, gxv, trans_b=True, stream=stream)
-    # grad_w = x.T @ g: x is read in its stored (M, K) layout as the (K, M) operand.
-    k.matmul.launch_matmul(xv, g2, gbv, gwv, gwv, trans_a=True, stream=stream)
-    k.matmul.launch_bias_grad(g2, gbv, stream=stream)
-    return (
-        _tx.to_caller(gxh, a.x, a.x.shape),
-        _tx.to_caller(gwh, a.x),
-        _tx.to_caller(gbh, a.x),
-    )
 
 
-def _linear_backward_host(a: _LinearArgs, go: _tx.Operand, po, activation, drop: _Dropout):
+def _linear_backward_host(a: _LinearArgs, go: _tx.Operand, po, activation, drop: Dropout):
     on_cpu = _backend.get_backend() == "cpu"
     get = _tx.host_array if on_cpu else _tx.to_host
     gx, gw, gb = _ref.linear_backward(
@@ -281,7 +364,7 @@ def _linear_backward_host(a: _LinearArgs, go: _tx.Operand, po, activation, drop:
 # ----------------------------------------------------------------------------
 
 
-def dropout(x, p, *, seed=0, offset=0, training=True):
+def dropout(x, p, *, seed=0, offset=0, training=True, stream=None):
     """Inverted dropout: ``x * scale`` where kept, exactly 0 where dropped.
 
     Args:
@@ -290,6 +373,7 @@ def dropout(x, p, *, seed=0, offset=0, training=True):
         seed: Philox key, ``0 <= seed < 2**64``.
         offset: Philox element offset; element ``e`` (row-major) uses ``offset + e``.
         training: the identity (a copy) when False.
+        stream: where to queue the work, as in :func:`linear`.
 
     Returns:
         An array of ``x``'s shape and type. The mask equals
@@ -297,28 +381,29 @@ def dropout(x, p, *, seed=0, offset=0, training=True):
     """
     xo = _tx.operand(x, "x")
     _check_float(xo)
-    drop = _Dropout.make(p, seed, offset, training)
-    return _dropout_apply(xo, drop)
+    return dropout_apply(xo, Dropout.make(p, seed, offset, training), stream)
 
 
-def dropout_backward(grad_output, p, *, seed=0, offset=0, training=True):
+def dropout_backward(grad_output, p, *, seed=0, offset=0, training=True, stream=None):
     """Gradient of :func:`dropout`: the forward's mask and scale, regenerated, applied to ``grad_output``."""
     go = _tx.operand(grad_output, "grad_output")
     _check_float(go)
-    return _dropout_apply(go, _Dropout.make(p, seed, offset, training))
+    return dropout_apply(go, Dropout.make(p, seed, offset, training), stream)
 
 
-def _dropout_apply(xo: _tx.Operand, drop: _Dropout):
-    if _backend.get_backend() == "cpu":
-        return _ref.dropout(_tx.host_array(xo), drop.p, seed=drop.seed, offset=drop.offset, training=drop.active)
-    if xo.size == 0:
-        return _tx.from_host(np.zeros(xo.shape, xo.dtype), xo)
-    k = _backend.kernels()
-    stream = _tx.current_stream()
-    xv, _keep = _tx.device_view(xo, (xo.size,))
-    yv, yh = _tx.empty((xo.size,), xo.dtype)
-    if drop.active:
-        k.dropout.launch_dropout(xv, yv, stream=stream, **drop.kernel_args(xo.dtype))
-    else:
-        yv.copy_to_device(xv, stream=stream)
-    return _tx.to_caller(yh, xo, xo.shape)
+def dropout_apply(xo: _tx.Operand, drop: Dropout, stream=None):
+    """Apply a validated dropout to a classified float operand; returns the caller's type."""
+    with _tx.stream_scope(stream) as s:
+        if _backend.get_backend() == "cpu":
+            return _ref.dropout(_tx.host_array(xo), drop.p, seed=drop.seed, offset=drop.offset,
+                                training=drop.active)
+        size = xo.size
+        if size == 0:
+            return _tx.from_host(np.zeros(xo.shape, xo.dtype), xo)
+        xv, _keep = _tx.device_view(xo, (size,))
+        yv, yh = _tx.empty((size,), xo.dtype)
+        if drop.active:
+            _kernels().dropout.launch_dropout(xv, yv, stream=s, **drop.kernel_args(xo.dtype))
+        else:
+            yv.copy_to_device(xv, stream=s)
+        return _tx.to_caller(yh, xo, xo.shape)

@@ -1,17 +1,40 @@
-"""Layers with the seed article's names: ``FullyConnectedLayer`` and ``DropoutLayer``.
+"""Layers with the seed article's names, and a container to train them.
 
-Both run forward and backward through :mod:`gpufc.functional`, so they use
+``FullyConnectedLayer`` (``y = dropout(act(x @ weights + biases))``, one fused
+kernel) and ``DropoutLayer`` keep the seed article's attribute names
+(``weights``, ``biases``, ``dropout_rate``); ``Sequential`` chains modules.
+All run forward and backward through :mod:`gpufc.functional`, so they use
 whatever backend is active and return the caller's array type.
+
+Where parameters live: a layer's ``device`` is ``"cpu"`` (NumPy parameters,
+the default, as in the seed article and torch) or ``"cuda"`` (CuPy
+parameters, after ``.to("cuda")`` on the ``cuda`` backend). A ``"cuda"``
+layer keeps Numba views of its parameters between calls, so a forward on a
+CuPy batch validates only the batch, allocates only its output and launches
+one kernel; optimizers update its parameters in place on the device, and its
+gradients are CuPy arrays. A ``"cpu"`` layer on a device backend copies its
+parameters to the device on each call (simple, slow) and returns NumPy
+gradients.
+
+Gradients are not accumulated: each ``backward`` sets ``grad_weights`` and
+``grad_biases`` afresh.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 
+from . import backend as _backend
 from . import functional as F
 from . import reference as _ref
+from . import transfer as _tx
+
+DEVICES = ("cpu", "cuda")
+_FORMAT = "gpufc-npz-1"  # the "__gpufc__" entry of a saved .npz names its format and the modules
 
 
 def _new_seed(seed):
@@ -25,7 +48,219 @@ def _advance(offset: int, count: int) -> int:
     return (offset + -(-count // 4) * 4) % 2**64
 
 
-class DropoutLayer:
+def _is_cupy(arr) -> bool:
+    return type(arr).__module__.split(".", 1)[0] == "cupy"
+
+
+def _to_numpy(value, name: str) -> np.ndarray:
+    """A host NumPy copy of a NumPy, CuPy, torch (any device) or array-like value."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    elif _is_cupy(value):
+        value = value.get()
+    elif hasattr(value, "copy_to_host"):  # a Numba device array
+        value = value.copy_to_host()
+    try:
+        return np.array(value)
+    except Exception as err:
+        raise TypeError(f"{name} must be an array, got {type(value).__name__}") from err
+
+
+def _check_device(device) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got device={device!r}")
+    if device == "cuda":
+        if _backend.get_backend() != "cuda":
+            raise RuntimeError(
+                f"device='cuda' needs the 'cuda' backend (a GPU and CuPy); the active backend is "
+                f"{_backend.get_backend()!r}. On 'sim' and 'cpu', parameters stay NumPy arrays (device='cpu')"
+            )
+        if _backend.cupy_or_none() is None:
+            raise RuntimeError("device='cuda' keeps parameters in CuPy arrays; install CuPy (pip install 'gpufc[cuda13]')")
+    return device
+
+
+def _move(arr, device: str):
+    """``arr`` as a NumPy (``cpu``) or CuPy (``cuda``) array, copying only when it moves."""
+    if arr is None:
+        return None
+    if device == "cuda":
+        return arr if _is_cupy(arr) else _backend.cupy_or_none().asarray(arr)
+    return arr.get() if _is_cupy(arr) else arr
+
+
+def _host(arr, name: str):
+    """A parameter as the cpu backend needs it."""
+    if arr is None or isinstance(arr, np.ndarray):
+        return arr
+    raise TypeError(
+        f"{name} is a {type(arr).__name__} but the gpufc backend is 'cpu'; move the layer with .to('cpu')"
+    )
+
+
+# ----------------------------------------------------------------------------
+# Module: what every layer and container shares
+# ----------------------------------------------------------------------------
+
+
+class Module:
+    """The shared layer protocol: ``forward``/``backward``, ``train``/``eval``, parameters and state.
+
+    Subclasses define ``forward``, ``backward``, ``_param_names`` (attribute
+    names of the parameters; each has a gradient ``grad_<name>``), ``config()``
+    and ``extra_repr()``.
+    """
+
+    _param_names: tuple = ()
+    training: bool = True
+    device: str = "cpu"
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # -- mode -----------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Training mode (dropout active) when ``mode``, else evaluation mode; returns self."""
+        self.training = bool(mode)
+        for child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: dropout is the identity; returns self."""
+        return self.train(False)
+
+    def children(self) -> list:
+        return []
+
+    # -- parameters -----------------------------------------------------------
+
+    def named_parameters(self, prefix: str = "") -> list:
+        """``[(name, array), ...]`` in a fixed order (``"0.weights"`` in a container)."""
+        out = [(prefix + n, getattr(self, n)) for n in self._param_names if getattr(self, n) is not None]
+        for i, child in enumerate(self.children()):
+            out += child.named_parameters(f"{prefix}{i}.")
+        return out
+
+    def parameters(self) -> list:
+        """The parameter arrays, in the order of :meth:`gradients`."""
+        return [p for _, p in self.named_parameters()]
+
+    def gradients(self) -> list:
+        """The gradients of :meth:`parameters`, position by position (None before a backward)."""
+        out = [getattr(self, "grad_" + n) for n in self._param_names if getattr(self, n) is not None]
+        for child in self.children():
+            out += child.gradients()
+        return out
+
+    def zero_grad(self):
+        """Forget the gradients (they are set, not accumulated, by each backward)."""
+        for n in self._param_names:
+            setattr(self, "grad_" + n, None)
+        for child in self.children():
+            child.zero_grad()
+
+    def to(self, device: str):
+        """Move the parameters to ``device`` (``"cpu"``: NumPy, ``"cuda"``: CuPy) once; returns self."""
+        device = _check_device(device)
+        for n in self._param_names:
+            setattr(self, n, _move(getattr(self, n), device))
+            setattr(self, "grad_" + n, _move(getattr(self, "grad_" + n, None), device))
+        self.device = device
+        for child in self.children():
+            child.to(device)
+        return self
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self):
+        return self.to("cuda")
+
+    # -- state ----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """``{name: host NumPy copy}`` of every parameter (torch-style names, gpufc's layout)."""
+        return {n: _to_numpy(p, n) for n, p in self.named_parameters()}
+
+    def load_state_dict(self, state, strict: bool = True):
+        """Copy ``state`` (a mapping or a loaded ``.npz``) into the parameters in place.
+
+        In place keeps the arrays' identity, so optimizers and cached device
+        views stay valid. Shapes must match; with ``strict`` the names must too.
+        Keys starting with ``"__"`` (a saved file's metadata) are ignored.
+        """
+        own = dict(self.named_parameters())
+        given = {k: state[k] for k in state if not k.startswith("__")}
+        missing = sorted(set(own) - set(given))
+        unexpected = sorted(set(given) - set(own))
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict does not match: missing keys {missing}, unexpected keys {unexpected}")
+        for name, value in given.items():
+            if name in own:
+                _assign(own[name], _to_numpy(value, name), name)
+        return self
+
+    def save(self, path):
+        """Write the parameters and the configuration to ``path`` (``.npz``); :meth:`load` rebuilds it."""
+        meta = json.dumps({"format": _FORMAT, "module": _describe(self)})
+        np.savez(os.fspath(path), __gpufc__=np.array(meta), **self.state_dict())
+
+    @classmethod
+    def load(cls, path, device: str = "cpu"):
+        """Rebuild a module saved by :meth:`save` (same class, configuration and parameters)."""
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            if "__gpufc__" not in data:
+                raise ValueError(f"{path} was not written by gpufc's save (no '__gpufc__' entry)")
+            meta = json.loads(str(data["__gpufc__"]))
+            module = _build(meta["module"])
+            if cls is not Module and not isinstance(module, cls):
+                raise TypeError(f"{path} holds a {type(module).__name__}, not a {cls.__name__}")
+            module.load_state_dict(data)
+        return module.to(device) if device != "cpu" else module
+
+    # -- repr -----------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+def _assign(target, value: np.ndarray, name: str):
+    if tuple(target.shape) != value.shape:
+        raise ValueError(f"{name}: shape {value.shape} does not match the parameter's {tuple(target.shape)}")
+    if _is_cupy(target):
+        target.set(np.ascontiguousarray(value, dtype=target.dtype))
+    else:
+        target[...] = value
+
+
+def _describe(module) -> dict:
+    d = {"type": type(module).__name__, "config": module.config()}
+    if isinstance(module, Sequential):
+        d["children"] = [_describe(c) for c in module.children()]
+    return d
+
+
+def _build(desc: dict):
+    kinds = {"FullyConnectedLayer": FullyConnectedLayer, "DropoutLayer": DropoutLayer, "Sequential": Sequential}
+    kind = kinds.get(desc.get("type"))
+    if kind is None:
+        raise ValueError(f"unknown module type {desc.get('type')!r} in a saved file")
+    if kind is Sequential:
+        return Sequential(*[_build(c) for c in desc["children"]])
+    return kind.from_config(desc["config"])
+
+
+# ----------------------------------------------------------------------------
+# DropoutLayer
+# ----------------------------------------------------------------------------
+
+
+class DropoutLayer(Module):
     """Inverted dropout that owns its Philox ``(seed, offset)``.
 
     Args:
@@ -41,47 +276,74 @@ class DropoutLayer:
     Example:
         >>> layer = DropoutLayer(0.2, seed=0)
         >>> y = layer.forward(np.ones((2, 4), np.float32))
+        >>> g = layer.backward(np.ones((2, 4), np.float32))   # zero exactly where y is
     """
 
     def __init__(self, dropout_rate: float, *, seed=None):
-        self.dropout_rate = _ref.check_p(dropout_rate)
+        try:
+            self.dropout_rate = _ref.check_p(dropout_rate)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"dropout_rate: {err}") from None
         self.seed = _new_seed(seed)
         self.offset = 0
         self.training = True
-        self._last = None  # (offset, shape, training) of the last forward
+        self._drop = F.Dropout.make(self.dropout_rate, self.seed, 0, True)
+        self._last = None  # (offset, shape, active) of the last forward
 
-    def forward(self, x, training=True):
-        training = bool(training) and self.training
+    def forward(self, x, training=True, *, stream=None):
+        """``x`` any shape -> the same shape and type; the identity unless training."""
+        xo = _tx.operand(x, "x")
+        F._check_float(xo)
+        active = bool(training) and self.training and self.dropout_rate > 0
         offset = self.offset
-        y = F.dropout(x, self.dropout_rate, seed=self.seed, offset=offset, training=training)
-        size = int(np.prod(np.shape(y), dtype=np.int64)) if hasattr(y, "shape") else 0
-        self._last = (offset, tuple(y.shape), training)
-        if training and self.dropout_rate > 0:
-            self.offset = _advance(offset, size)
+        y = F.dropout_apply(xo, self._drop.at(offset, active), stream)
+        self._last = (offset, tuple(xo.shape), active)
+        if active:
+            self.offset = _advance(offset, xo.size)
         return y
 
-    __call__ = forward
-
-    def backward(self, grad_output):
+    def backward(self, grad_output, *, stream=None, input_grad=True):
+        """The last forward's mask and scale applied to ``grad_output`` (same shape)."""
         if self._last is None:
             raise RuntimeError("DropoutLayer.backward called before forward")
-        offset, shape, training = self._last
-        if tuple(grad_output.shape) != shape:
-            raise ValueError(f"grad_output must have the forward output's shape {shape}, got {tuple(grad_output.shape)}")
-        return F.dropout_backward(grad_output, self.dropout_rate, seed=self.seed, offset=offset, training=training)
+        offset, shape, active = self._last
+        go = _tx.operand(grad_output, "grad_output")
+        F._check_float(go)
+        if tuple(go.shape) != shape:
+            raise ValueError(f"grad_output must have the forward output's shape {shape}, got {tuple(go.shape)}")
+        if not input_grad:
+            return None
+        return F.dropout_apply(go, self._drop.at(offset, active), stream)
 
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
+    def config(self) -> dict:
+        return {"dropout_rate": self.dropout_rate, "seed": self.seed, "offset": self.offset}
 
-    def eval(self):
-        return self.train(False)
+    @classmethod
+    def from_config(cls, config: dict) -> DropoutLayer:
+        layer = cls(config["dropout_rate"], seed=config["seed"])
+        layer.offset = int(config.get("offset", 0))
+        return layer
 
-    def __repr__(self):
-        return f"DropoutLayer(dropout_rate={self.dropout_rate}, seed={self.seed})"
+    def extra_repr(self) -> str:
+        return f"dropout_rate={self.dropout_rate}, seed={self.seed}"
 
 
-class FullyConnectedLayer:
+# ----------------------------------------------------------------------------
+# FullyConnectedLayer
+# ----------------------------------------------------------------------------
+
+
+class _Ctx:
+    """What a forward keeps for backward: the input (and its device view) and the pre-activation."""
+
+    __slots__ = ("active", "keep", "offset", "rows", "x", "xo", "xv", "z", "zv")
+
+    def __init__(self, xo, x, xv, keep, z, zv, rows, offset, active):
+        self.xo, self.x, self.xv, self.keep, self.z, self.zv = xo, x, xv, keep, z, zv
+        self.rows, self.offset, self.active = rows, offset, active
+
+
+class FullyConnectedLayer(Module):
     """``y = dropout(act(x @ weights + biases))``, one fused kernel.
 
     Args:
@@ -90,98 +352,431 @@ class FullyConnectedLayer:
         bias: learn ``biases (N,)`` when True.
         activation: None, "relu", "gelu", "gelu_tanh", "tanh" or "sigmoid".
         dropout_rate: dropout after the activation, in [0, 1].
-        init: "glorot_uniform" (default), "he_uniform", or "randn" (the seed
-            article's unscaled standard normal).
+        init: how :meth:`reset_parameters` draws the weights: "he_uniform"
+            (the default for relu and gelu), "glorot_uniform" (the default
+            otherwise, Keras' default), "he_normal", "glorot_normal", "torch"
+            (torch's ``nn.Linear`` default: weights and biases uniform in
+            ``+-1/sqrt(K)``) or "randn" (the seed article's unscaled standard
+            normal). Biases start at zero except with "torch".
         dtype: np.float32 (default) or np.float64.
         seed: seeds both the initial weights and the dropout key; random when None.
+        device: "cpu" (NumPy parameters, default) or "cuda" (CuPy); see :meth:`to`.
 
     Shape:
-        x ``(..., input_size)`` -> ``(..., output_size)``; ``weights (input_size, output_size)``.
+        x ``(..., input_size)`` -> ``(..., output_size)``; ``weights (input_size, output_size)``,
+        ``biases (output_size,)``: the seed article's and Keras' layout, the
+        transpose of torch's ``nn.Linear.weight``.
 
     Example:
-        >>> layer = FullyConnectedLayer(3, 4, seed=0)
-        >>> y = layer.forward(np.ones((2, 3), np.float32))
+        >>> layer = FullyConnectedLayer(3, 4, activation="relu", seed=0)
+        >>> y = layer.forward(np.ones((2, 3), np.float32))          # (2, 4)
+        >>> gx = layer.backward(np.ones((2, 4), np.float32))        # (2, 3); sets grad_weights, grad_biases
     """
 
-    INITS = ("glorot_uniform", "he_uniform", "randn")
+    INITS = ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "torch", "randn")
+    _param_names = ("weights", "biases")
 
     def __init__(self, input_size, output_size, *, bias=True, activation=None, dropout_rate=0.0,
-                 init="glorot_uniform", dtype=np.float32, seed=None):
+                 init=None, dtype=np.float32, seed=None, device="cpu"):
         for name, v in (("input_size", input_size), ("output_size", output_size)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
-        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        if np.dtype(dtype) not in F._FLOATS:
             raise TypeError(f"dtype must be float32 or float64, got dtype={np.dtype(dtype)}")
         if activation not in _ref.ACTIVATIONS:
             raise ValueError(f"activation must be one of {_ref.ACTIVATIONS}, got activation={activation!r}")
+        if init is None:
+            init = "he_uniform" if activation in ("relu", "gelu", "gelu_tanh") else "glorot_uniform"
         if init not in self.INITS:
             raise ValueError(f"init must be one of {self.INITS}, got init={init!r}")
+        try:
+            self.dropout_rate = _ref.check_p(dropout_rate)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"dropout_rate: {err}") from None
         self.input_size, self.output_size = int(input_size), int(output_size)
         self.activation = activation
-        self.dropout_rate = _ref.check_p(dropout_rate)
         self.init = init
         self.dtype = np.dtype(dtype)
         self.seed = _new_seed(seed)
         self.offset = 0
         self.training = True
-        self.weights = None
+        self.device = "cpu"
         self._bias = bool(bias)
-        self.grad_weights = None
-        self.grad_biases = None
-        self._cache = None
+        self.weights = self.biases = None
+        self.grad_weights = self.grad_biases = None
+        self._drop = F.Dropout.make(self.dropout_rate, self.seed, 0, True)
+        self._ctx = None
+        self._views = None  # (weights, biases, weights view, biases view) of a "cuda" layer
         self.reset_parameters()
+        if device != "cpu":
+            self.to(device)
+
+    @property
+    def bias(self) -> bool:
+        """Whether the layer has biases."""
+        return self._bias
 
     def reset_parameters(self):
+        """Draw the weights as ``init`` says (seeded by ``seed``); biases start at zero (uniform for "torch")."""
         rng = np.random.default_rng(self.seed)
         k, n = self.input_size, self.output_size
+        b = np.zeros(n)
         if self.init == "randn":
             w = rng.standard_normal((k, n))
+        elif self.init.endswith("_normal"):
+            std = math.sqrt(2.0 / (k + n)) if self.init.startswith("glorot") else math.sqrt(2.0 / k)
+            w = rng.normal(0.0, std, (k, n))
         else:
-            limit = math.sqrt(6.0 / (k + n)) if self.init == "glorot_uniform" else math.sqrt(6.0 / k)
+            limit = {"glorot_uniform": math.sqrt(6.0 / (k + n)), "he_uniform": math.sqrt(6.0 / k),
+                     "torch": 1.0 / math.sqrt(k)}[self.init]
             w = rng.uniform(-limit, limit, (k, n))
-        self.weights = w.astype(self.dtype)
-        self.biases = np.zeros(n, self.dtype) if self._bias else None
+            if self.init == "torch":
+                b = rng.uniform(-limit, limit, n)
+        self.weights = _move(w.astype(self.dtype), self.device)
+        self.biases = _move(b.astype(self.dtype), self.device) if self._bias else None
+        self._views = None
 
-    def forward(self, x):
-        training = self.training and self.dropout_rate > 0
+    # -- checks -----------------------------------------------------------------
+
+    def _check_input(self, xo: _tx.Operand):
+        if xo.dtype != self.dtype:
+            F._check_float(xo)
+            raise TypeError(
+                f"x.dtype={xo.dtype} does not match the layer's dtype (weights.dtype={self.dtype}); "
+                f"cast the input, e.g. x.astype(np.{self.dtype.name})"
+            )
+        if len(xo.shape) < 1 or xo.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x must have shape (..., {self.input_size}) (input_size={self.input_size}), got x.shape={xo.shape}"
+            )
+
+    def _check_params(self):
+        k, n = self.input_size, self.output_size
+        for name, want in (("weights", (k, n)), ("biases", (n,))):
+            p = getattr(self, name)
+            if p is None:
+                if name == "biases" and self._bias:
+                    raise ValueError("biases is None but the layer was built with bias=True")
+                continue
+            if name == "biases" and not self._bias:
+                raise ValueError("the layer was built with bias=False, so biases must stay None")
+            if tuple(p.shape) != want:
+                raise ValueError(f"{name} must have shape {want}, got {name}.shape={tuple(p.shape)}")
+            if np.dtype(p.dtype) != self.dtype:
+                raise TypeError(f"{name} must have the layer's dtype {self.dtype}, got {name}.dtype={p.dtype}")
+
+    def _device_params(self):
+        """Numba views of the parameters: cached for CuPy parameters, fresh copies of NumPy ones."""
+        w, b = self.weights, self.biases
+        v = self._views
+        if v is not None and v[0] is w and v[1] is b:
+            return v[2], v[3]
+        self._check_params()
+        wv, wk = _tx.device_view(_tx.operand(w, "weights"))
+        bv, bk = _tx.device_view(_tx.operand(b, "biases")) if b is not None else (None, None)
+        if wk is w and (b is None or bk is b):  # device arrays used in place: the views stay valid
+            self._views = (w, b, wv, bv)
+        else:
+            self._views = None
+            self._keep = (wk, bk)  # host parameters: this call's copies, alive until the launch is queued
+        return wv, bv
+
+    # -- forward / backward -------------------------------------------------------
+
+    def forward(self, x, *, stream=None):
+        """``x (..., input_size)`` -> ``(..., output_size)``, the caller's array type.
+
+        In training mode with ``dropout_rate > 0`` each call draws a fresh mask
+        (the offset advances); the input and the pre-activation are kept for
+        :meth:`backward`. ``stream``: where to queue the work (see :mod:`gpufc.functional`).
+        """
+        xo = _tx.operand(x, "x")
+        self._check_input(xo)
+        k, n = self.input_size, self.output_size
+        rows = math.prod(xo.shape[:-1])
+        out_shape = xo.shape[:-1] + (n,)
+        training = self.training
+        active = training and self.dropout_rate > 0
         offset = self.offset
-        y, z = F.linear_forward(
-            x, self.weights, self.biases, activation=self.activation, dropout_p=self.dropout_rate,
-            training=training, seed=self.seed, offset=offset, save_preact=self.activation is not None,
-        )
-        self._cache = (x, z, offset, training)
-        if training:
-            self.offset = _advance(offset, int(np.prod(y.shape, dtype=np.int64)))
+        drop = self._drop.at(offset, active)
+        save = training and self.activation is not None
+        if _backend.get_backend() == "cpu":
+            _tx.stream_scope(stream)  # validates it; NumPy needs none
+            self._check_params()
+            x2 = _tx.host_array(xo).reshape(rows, k)
+            y, z = F._ref_forward(x2, _host(self.weights, "weights"), _host(self.biases, "biases"),
+                                  self.activation, drop)
+            self._ctx = _Ctx(xo, x2, None, None, z if save else None, None, rows, offset, active)
+            y = y.reshape(out_shape)
+        elif rows == 0:
+            self._check_params()
+            y, z = F.linear_forward(xo.value, self.weights, self.biases, activation=self.activation,
+                                    training=False, save_preact=save, stream=stream)
+            self._ctx = _Ctx(xo, xo.value, None, None, z, None, rows, offset, active)
+        else:
+            with _tx.stream_scope(stream) as s:
+                xv, keep = _tx.device_view(xo, (rows, k))
+                wv, bv = self._device_params()
+                yh, zv, zh = F.forward_device(xv, wv, bv, rows, n, self.dtype, self.activation, drop, save, s)
+                y = _tx.to_caller(yh, xo, out_shape)
+            self._ctx = _Ctx(xo, None, xv, keep, zh, zv, rows, offset, active)
+        if active:
+            self.offset = _advance(offset, rows * n)
         return y
 
-    __call__ = forward
+    def backward(self, grad_output, *, stream=None, input_grad=True):
+        """Gradients of the last forward.
 
-    def backward(self, grad_output):
-        """Returns grad_input ``(..., input_size)``; sets ``grad_weights`` and ``grad_biases``."""
-        if self._cache is None:
+        Args:
+            grad_output: ``(..., output_size)``, d loss / d y, the forward's batch shape.
+            stream: where to queue the work.
+            input_grad: compute and return d loss / d x (skip it for a model's first layer).
+
+        Returns:
+            grad_input ``(..., input_size)`` in the forward input's type (None when
+            not ``input_grad``). Sets ``grad_weights`` ``(input_size, output_size)``
+            and ``grad_biases`` ``(output_size,)`` (None without bias), on the
+            layer's device. The dropout mask is regenerated, never stored.
+        """
+        ctx = self._ctx
+        if ctx is None:
             raise RuntimeError("FullyConnectedLayer.backward called before forward")
-        x, z, offset, training = self._cache
-        gx, gw, gb = F.linear_backward(
-            x, self.weights, grad_output, z, biases=self.biases, activation=self.activation,
-            dropout_p=self.dropout_rate, training=training, seed=self.seed, offset=offset,
-        )
+        go = _tx.operand(grad_output, "grad_output")
+        F._check_float(go)
+        if go.dtype != self.dtype:
+            raise TypeError(f"grad_output.dtype={go.dtype} does not match the layer's dtype {self.dtype}")
+        out_shape = ctx.xo.shape[:-1] + (self.output_size,)
+        if go.shape != out_shape:
+            raise ValueError(f"grad_output must have the forward output's shape {out_shape}, got {go.shape}")
+        k, n, rows = self.input_size, self.output_size, ctx.rows
+        drop = self._drop.at(ctx.offset, ctx.active)
+        if _backend.get_backend() == "cpu":
+            _tx.stream_scope(stream)
+            w, b = _host(self.weights, "weights"), _host(self.biases, "biases")
+            gx, gw, gb = _ref.linear_backward(
+                ctx.x, w, _tx.host_array(go).reshape(rows, n), ctx.z, biases=b, activation=self.activation,
+                dropout_p=drop.p, training=drop.active, seed=drop.seed, offset=drop.offset,
+            )
+            gx = gx.reshape(ctx.xo.shape) if input_grad else None
+        elif rows == 0:
+            gx, gw, gb = F.linear_backward(ctx.x, self.weights, go.value, ctx.z, biases=self.biases,
+                                           activation=self.activation, training=False, stream=stream)
+            gx = gx if input_grad else None
+        else:
+            with _tx.stream_scope(stream) as s:
+                wv, bv = self._device_params()
+                gov, _gk = _tx.device_view(go, (rows, n))
+                zv = ctx.zv
+                if self.activation is not None and zv is None:  # an evaluation-mode forward kept no z
+                    _, zv, _zh = F.forward_device(ctx.xv, wv, bv, rows, n, self.dtype, self.activation,
+                                                  drop.at(0, False), True, s)
+                gxh, gwh, gbh = F.backward_device(ctx.xv, wv, gov, zv, rows, k, n, self.dtype, self.activation,
+                                                  drop, s, need_x=input_grad, need_b=self._bias)
+                gx = _tx.to_caller(gxh, ctx.xo, ctx.xo.shape) if input_grad else None
+                if _is_cupy(self.weights):
+                    gw, gb = gwh, gbh
+                else:
+                    gw, gb = _host_copy(gwh), _host_copy(gbh)
         self.grad_weights = gw
         self.grad_biases = gb if self._bias else None
         return gx
 
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
+    # -- state and conversions ----------------------------------------------------
+
+    def config(self) -> dict:
+        return {"input_size": self.input_size, "output_size": self.output_size, "bias": self._bias,
+                "activation": self.activation, "dropout_rate": self.dropout_rate, "init": self.init,
+                "dtype": self.dtype.name, "seed": self.seed, "offset": self.offset}
+
+    @classmethod
+    def from_config(cls, config: dict) -> FullyConnectedLayer:
+        layer = cls(config["input_size"], config["output_size"], bias=config["bias"],
+                    activation=config["activation"], dropout_rate=config["dropout_rate"], init=config["init"],
+                    dtype=np.dtype(config["dtype"]), seed=config["seed"])
+        layer.offset = int(config.get("offset", 0))
+        return layer
+
+    def torch_state_dict(self) -> dict:
+        """``{"weight": (output_size, input_size), "bias": (output_size,)}`` as NumPy: torch's ``nn.Linear`` layout.
+
+        Works without torch; load it into torch with
+        ``linear.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+        """
+        sd = {"weight": np.ascontiguousarray(_to_numpy(self.weights, "weights").T)}
+        if self._bias:
+            sd["bias"] = _to_numpy(self.biases, "biases")
+        return sd
+
+    def load_torch_state_dict(self, state):
+        """Load torch ``nn.Linear`` state (``weight (out, in)``, ``bias (out,)``; tensors or arrays), transposing."""
+        if "weight" not in state:
+            raise KeyError(f"a torch nn.Linear state dict has a 'weight' entry; got keys {sorted(state.keys())}")
+        w = _to_numpy(state["weight"], "weight")
+        if w.shape != (self.output_size, self.input_size):
+            raise ValueError(
+                f"weight must have torch's shape (output_size, input_size) = {(self.output_size, self.input_size)}, "
+                f"got {w.shape}"
+            )
+        has_b = state.get("bias") is not None
+        if has_b != self._bias:
+            raise ValueError(f"the layer has bias={self._bias} but the torch state {'has' if has_b else 'lacks'} one")
+        _assign(self.weights, w.T, "weights")
+        if has_b:
+            _assign(self.biases, _to_numpy(state["bias"], "bias"), "biases")
         return self
 
-    def eval(self):
-        return self.train(False)
+    @classmethod
+    def from_torch(cls, linear, *, activation=None, dropout_rate=0.0, seed=None, dtype=None):
+        """A layer holding a torch ``nn.Linear``'s parameters (or its state dict), transposed to our layout."""
+        state = linear.state_dict() if hasattr(linear, "state_dict") else linear
+        w = _to_numpy(state["weight"], "weight")
+        dtype = np.dtype(dtype or (w.dtype if w.dtype in F._FLOATS else np.float32))
+        layer = cls(w.shape[1], w.shape[0], bias=state.get("bias") is not None, activation=activation,
+                    dropout_rate=dropout_rate, dtype=dtype, seed=seed)
+        return layer.load_torch_state_dict(state)
 
-    def parameters(self):
-        return [p for p in (self.weights, self.biases) if p is not None]
+    def to_torch(self):
+        """A new ``torch.nn.Linear`` with this layer's parameters (needs torch)."""
+        try:
+            import torch
+        except ImportError as err:
+            raise ImportError("to_torch needs torch; torch_state_dict() gives the same arrays without it") from err
+        dtype = torch.float64 if self.dtype == np.float64 else torch.float32
+        lin = torch.nn.Linear(self.input_size, self.output_size, bias=self._bias, dtype=dtype)
+        lin.load_state_dict({k: torch.from_numpy(v) for k, v in self.torch_state_dict().items()})
+        return lin
+
+    def keras_weights(self) -> list:
+        """``[kernel (input_size, output_size), bias]`` as Keras' ``Dense.get_weights()`` orders them (our layout)."""
+        out = [_to_numpy(self.weights, "weights")]
+        if self._bias:
+            out.append(_to_numpy(self.biases, "biases"))
+        return out
+
+    def load_keras_weights(self, weights):
+        """Load ``[kernel, bias]`` (Keras ``Dense.get_weights()``); the kernel is already ``(input_size, output_size)``."""
+        weights = list(weights)
+        if len(weights) != 1 + self._bias:
+            raise ValueError(f"expected {1 + self._bias} arrays ([kernel{', bias' if self._bias else ''}]), "
+                             f"got {len(weights)}")
+        _assign(self.weights, _to_numpy(weights[0], "kernel"), "weights")
+        if self._bias:
+            _assign(self.biases, _to_numpy(weights[1], "bias"), "biases")
+        return self
+
+    @classmethod
+    def from_keras(cls, dense, *, activation=None, dropout_rate=0.0, seed=None):
+        """A layer from a Keras ``Dense`` (anything with ``get_weights()``) or its ``[kernel, bias]`` list.
+
+        The activation is taken from the Dense layer's config when it is one of
+        gpufc's, unless given.
+        """
+        weights = dense.get_weights() if hasattr(dense, "get_weights") else list(dense)
+        if activation is None and hasattr(dense, "get_config"):
+            name = dense.get_config().get("activation")
+            activation = None if name in (None, "linear") else name
+            if activation not in _ref.ACTIVATIONS:
+                raise ValueError(f"the Dense layer's activation {name!r} is not one of gpufc's {_ref.ACTIVATIONS}")
+        kernel = _to_numpy(weights[0], "kernel")
+        dtype = kernel.dtype if kernel.dtype in F._FLOATS else np.float32
+        layer = cls(kernel.shape[0], kernel.shape[1], bias=len(weights) > 1, activation=activation,
+                    dropout_rate=dropout_rate, dtype=dtype, seed=seed)
+        return layer.load_keras_weights(weights)
+
+    def extra_repr(self) -> str:
+        s = f"input_size={self.input_size}, output_size={self.output_size}, bias={self._bias}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
+        if self.dropout_rate:
+            s += f", dropout_rate={self.dropout_rate}"
+        s += f", dtype={self.dtype.name}"
+        if self.device != "cpu":
+            s += f", device={self.device!r}"
+        return s
+
+
+def _host_copy(holder):
+    """A device result copied to NumPy (for a layer whose parameters are NumPy)."""
+    if holder is None or isinstance(holder, np.ndarray):
+        return holder
+    if _is_cupy(holder):
+        return holder.get()
+    return holder.copy_to_host()
+
+
+# ----------------------------------------------------------------------------
+# Sequential
+# ----------------------------------------------------------------------------
+
+
+class Sequential(Module):
+    """Modules applied in order; backward runs them in reverse.
+
+    Example:
+        >>> model = Sequential(FullyConnectedLayer(64, 128, activation="relu", dropout_rate=0.1, seed=0),
+        ...                    FullyConnectedLayer(128, 10, seed=1))
+        >>> logits = model.forward(x)                 # (batch, 10)
+        >>> model.backward(grad_logits)               # sets every layer's gradients
+
+    On a ``"cuda"`` model a NumPy batch is copied to the device once, runs
+    through every layer there, and comes back as NumPy at the end.
+    """
+
+    def __init__(self, *modules):
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential takes gpufc modules, got {type(m).__name__} at position {i}")
+        self.modules = list(modules)
+        self.training = True
+        devices = {m.device for m in modules}
+        self.device = devices.pop() if len(devices) == 1 else "cpu"
+        self._host_in = False
+
+    def children(self) -> list:
+        return self.modules
+
+    def __getitem__(self, i):
+        return self.modules[i]
+
+    def __len__(self):
+        return len(self.modules)
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def append(self, module: Module):
+        self.modules.append(module)
+        return self
+
+    def _to_device(self, value, name):
+        """NumPy into a "cuda" model: one copy up; returns (value, came_from_host)."""
+        if self.device == "cuda" and isinstance(value, np.ndarray):
+            return _backend.cupy_or_none().asarray(value), True
+        return value, False
+
+    def forward(self, x, *, stream=None):
+        with _tx.stream_scope(stream) if self.device == "cuda" else _tx._NO_SCOPE:
+            x, self._host_in = self._to_device(x, "x")
+            for m in self.modules:
+                x = m.forward(x, stream=stream)
+            return x.get() if self._host_in else x
+
+    def backward(self, grad_output, *, stream=None, input_grad=True):
+        """Backpropagate d loss / d output; returns d loss / d input (None when not ``input_grad``)."""
+        with _tx.stream_scope(stream) if self.device == "cuda" else _tx._NO_SCOPE:
+            g, from_host = self._to_device(grad_output, "grad_output")
+            last = len(self.modules) - 1
+            for i in range(last, -1, -1):
+                g = self.modules[i].backward(g, stream=stream, input_grad=input_grad or i > 0)
+            if g is not None and (from_host or self._host_in) and _is_cupy(g):
+                g = g.get()
+            return g
+
+    def config(self) -> dict:
+        return {}
 
     def __repr__(self):
-        return (
-            f"FullyConnectedLayer(input_size={self.input_size}, output_size={self.output_size}, "
-            f"bias={self._bias}, activation={self.activation!r}, dropout_rate={self.dropout_rate}, "
-            f"dtype={self.dtype.name})"
-        )
+        if not self.modules:
+            return "Sequential()"
+        lines = [f"  ({i}): {m!r}" for i, m in enumerate(self.modules)]
+        return "Sequential(\n" + "\n".join(lines) + "\n)"

@@ -1,4 +1,4 @@
-"""Host <-> device movement: the one module that touches the caller's arrays.
+"""Host <-> device movement and streams: the one module that touches the caller's arrays.
 
 Input rules (ARCHITECTURE.md): NumPy in -> NumPy out; CuPy in -> CuPy out with
 no host copy; any other CUDA array (``__cuda_array_interface__`` or DLPack on
@@ -9,11 +9,24 @@ without moving it. :func:`device_view` gives the kernels a C-contiguous Numba
 device view (copying only a host array or a non-contiguous device array);
 :func:`empty` allocates an output (CuPy on the ``cuda`` backend, Numba's
 simulator arrays on ``sim``); :func:`to_caller` returns it in the caller's type.
+
+Streams: :func:`stream_scope` turns a caller's ``stream=`` (None, a CuPy or
+torch stream, a Numba stream, anything with ``__cuda_stream__``, or a raw
+``cudaStream_t`` int) into the Numba stream the kernels are queued on, and
+makes it CuPy's current stream for the call so that the outputs' allocations
+and any copies are ordered on it too. Nothing here synchronises except
+returning a result to a NumPy caller.
+
+Call overhead: this module runs on every call, so its fast paths are the
+common cases: an exact ``numpy.ndarray`` or ``cupy.ndarray`` is classified by a
+dict lookup on its type; C-contiguous CuPy arrays get their Numba view built
+from a minimal interface dict (no stream to import, no synchronisation);
+Numba and CuPy streams are created once per handle and cached.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import sys
 
 import numpy as np
@@ -24,22 +37,27 @@ _KDL_CUDA = 2  # DLPack device types: 2 = CUDA, 13 = CUDA managed
 _KDL_CUDA_MANAGED = 13
 
 
-@dataclasses.dataclass
 class Operand:
     """One argument as the caller passed it.
 
     kind: ``"numpy"`` (host memory), ``"cupy"``, or ``"device"`` (another CUDA array type).
     """
 
-    name: str
-    value: object
-    kind: str
-    shape: tuple
-    dtype: np.dtype
+    __slots__ = ("dtype", "kind", "name", "shape", "value")
+
+    def __init__(self, name: str, value, kind: str, shape: tuple, dtype: np.dtype):
+        self.name = name
+        self.value = value
+        self.kind = kind
+        self.shape = shape
+        self.dtype = dtype
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
+
+    def __repr__(self):
+        return f"Operand({self.name!r}, kind={self.kind!r}, shape={self.shape}, dtype={self.dtype})"
 
 
 def _module_root(obj) -> str:
@@ -56,9 +74,17 @@ def _is_cuda_dlpack(obj) -> bool:
         return False
 
 
+# Exact array types seen before, and their kind: one dict lookup on the hot path.
+_KIND_OF_TYPE: dict = {np.ndarray: "numpy"}
+
+
 def operand(value, name: str) -> Operand:
     """Classify ``value`` (argument ``name``) without copying it."""
+    kind = _KIND_OF_TYPE.get(type(value))
+    if kind is not None:
+        return Operand(name, value, kind, value.shape, value.dtype)
     if _module_root(value) == "cupy" and hasattr(value, "__cuda_array_interface__"):
+        _KIND_OF_TYPE[type(value)] = "cupy"
         return Operand(name, value, "cupy", tuple(value.shape), np.dtype(value.dtype))
     cai = None
     try:
@@ -104,43 +130,55 @@ def host_array(op: Operand) -> np.ndarray:
     return op.value
 
 
+def as_cupy(op: Operand):
+    """A device operand as a CuPy array, zero-copy (any layout)."""
+    cupy = _require_cupy(op.name)
+    if op.kind == "cupy" or hasattr(op.value, "__cuda_array_interface__"):
+        return cupy.asarray(op.value)
+    return cupy.from_dlpack(op.value)
+
+
 def device_view(op: Operand, shape=None):
     """A C-contiguous Numba device view of ``op`` (reshaped to ``shape``), copying only when needed.
 
     Returns ``(view, keepalive)``: hold ``keepalive`` until the kernels that read the view are queued.
+    A host (NumPy) operand is copied to the device once per call, on the current stream.
     """
-    cuda = _backend.numba_cuda()
     shape = op.shape if shape is None else shape
     if op.kind == "numpy":
         host = np.ascontiguousarray(op.value).reshape(shape)
         cupy = _backend.cupy_or_none()
         if cupy is None:
-            dev = cuda.to_device(host, stream=current_stream())
+            dev = _backend.numba_cuda().to_device(host, stream=current_stream())
             return dev, dev
         arr = cupy.asarray(host)
         return _numba_view(arr), arr
-    cupy = _require_cupy(op.name)
-    if op.kind == "cupy" or hasattr(op.value, "__cuda_array_interface__"):
-        arr = cupy.asarray(op.value)  # zero-copy for anything with a CUDA array interface
-    else:
-        arr = cupy.from_dlpack(op.value)
-    arr = cupy.ascontiguousarray(arr).reshape(shape)  # a copy only when strided
+    arr = op.value if op.kind == "cupy" else as_cupy(op)
+    if not arr.flags.c_contiguous:
+        arr = _require_cupy(op.name).ascontiguousarray(arr)  # a copy only when strided
+    if arr.shape != shape:
+        arr = arr.reshape(shape)
     return _numba_view(arr), arr
 
 
 def _numba_view(arr):
-    cuda = _backend.numba_cuda()
-    # sync=False: gpufc orders its launches on the caller's stream itself, so Numba
-    # need not synchronise the producer's stream on every argument.
-    return cuda.from_cuda_array_interface(arr.__cuda_array_interface__, owner=arr, sync=False)
+    """Numba's view of a C-contiguous CuPy array, zero-copy.
+
+    The interface dict is built here rather than read from CuPy: CuPy's names
+    its current stream, which makes Numba wrap that stream in a new object on
+    every call. gpufc orders its launches on the caller's stream itself, so the
+    view needs no stream and no synchronisation.
+    """
+    desc = {"shape": arr.shape, "strides": None, "data": (arr.data.ptr, False),
+            "typestr": arr.dtype.str, "version": 3}
+    return _backend.numba_cuda().from_cuda_array_interface(desc, owner=arr, sync=False)
 
 
 def empty(shape, dtype):
     """Allocate an uninitialised device array: ``(view, holder)``."""
     cupy = _backend.cupy_or_none()
     if cupy is None:
-        cuda = _backend.numba_cuda()
-        dev = cuda.device_array(shape, dtype=dtype, stream=current_stream())
+        dev = _backend.numba_cuda().device_array(shape, dtype=dtype, stream=current_stream())
         return dev, dev
     arr = cupy.empty(shape, dtype=dtype)
     return _numba_view(arr), arr
@@ -150,10 +188,7 @@ def to_host(op: Operand) -> np.ndarray:
     """A NumPy copy of any operand (small or empty results only: this synchronises)."""
     if op.kind == "numpy":
         return np.asarray(op.value)
-    cupy = _require_cupy(op.name)
-    if op.kind == "cupy" or hasattr(op.value, "__cuda_array_interface__"):
-        return cupy.asnumpy(cupy.asarray(op.value))
-    return cupy.asnumpy(cupy.from_dlpack(op.value))
+    return _require_cupy(op.name).asnumpy(as_cupy(op))
 
 
 def from_host(arr: np.ndarray, like: Operand):
@@ -166,7 +201,7 @@ def from_host(arr: np.ndarray, like: Operand):
 
 def to_caller(holder, like: Operand, shape=None):
     """Return ``holder`` (the result) in the type of the caller's ``like`` operand."""
-    if shape is not None:
+    if shape is not None and holder.shape != shape:
         holder = holder.reshape(shape)
     if like.kind == "numpy":
         if isinstance(holder, np.ndarray):
@@ -197,7 +232,12 @@ def _foreign(holder, like):
     return holder  # unknown CUDA array type: CuPy exposes the same interface
 
 
-_streams: dict = {}
+# ----------------------------------------------------------------------------
+# Streams
+# ----------------------------------------------------------------------------
+
+_numba_streams: dict = {}  # cudaStream_t handle -> numba Stream
+_cupy_streams: dict = {}  # cudaStream_t handle -> cupy ExternalStream
 
 
 def current_stream():
@@ -206,10 +246,109 @@ def current_stream():
     cupy = _backend.cupy_or_none()
     if cupy is None:
         return cuda.default_stream()
-    ptr = cupy.cuda.get_current_stream().ptr
-    if ptr == 0:
-        return cuda.default_stream()
-    stream = _streams.get(ptr)
+    return _numba_stream(cupy.cuda.get_current_stream().ptr)
+
+
+def _numba_stream(handle: int):
+    stream = _numba_streams.get(handle)
     if stream is None:
-        stream = _streams[ptr] = cuda.external_stream(ptr)
+        cuda = _backend.numba_cuda()
+        stream = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
+        _numba_streams[handle] = stream
     return stream
+
+
+def stream_handle(stream) -> int:
+    """The ``cudaStream_t`` of a caller's ``stream=`` argument, as an int.
+
+    Accepts a raw handle (int >= 0; 0 is the default stream), anything with
+    ``__cuda_stream__`` (the CUDA stream protocol: ``(version, handle)``; Numba
+    and cuda.core streams), a CuPy stream (``.ptr``) or a torch stream
+    (``.cuda_stream``).
+    """
+    if isinstance(stream, (bool, np.bool_)):
+        raise TypeError(f"stream must be a CUDA stream or an int handle, got stream={stream!r}")
+    if isinstance(stream, (int, np.integer)):
+        handle = int(stream)
+    else:
+        proto = getattr(stream, "__cuda_stream__", None)
+        if proto is not None:
+            value = proto() if callable(proto) else proto
+            handle = value[1]
+        elif hasattr(stream, "ptr"):
+            handle = stream.ptr
+        elif hasattr(stream, "cuda_stream"):
+            handle = stream.cuda_stream
+        else:
+            raise TypeError(
+                "stream must be None, a CuPy, torch or Numba stream, an object with __cuda_stream__, "
+                f"or an int handle; got {type(stream).__name__}"
+            )
+        handle = int(handle)
+    if handle < 0:
+        raise ValueError(f"stream handle must be >= 0, got stream={stream!r}")
+    return handle
+
+
+class _Scope:
+    """Context of one call: the Numba stream to launch on, and CuPy's current stream while inside."""
+
+    __slots__ = ("_cupy_stream", "stream")
+
+    def __init__(self, stream, cupy_stream=None):
+        self.stream = stream
+        self._cupy_stream = cupy_stream
+
+    def __enter__(self):
+        if self._cupy_stream is not None:
+            self._cupy_stream.__enter__()
+        return self.stream
+
+    def __exit__(self, *exc):
+        if self._cupy_stream is not None:
+            self._cupy_stream.__exit__(*exc)
+        return False
+
+
+class _NoScope:
+    """The ``cpu`` backend: there is no stream; the argument was only validated."""
+
+    __slots__ = ()
+    stream = None
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_SCOPE = _NoScope()
+
+
+def stream_scope(stream=None):
+    """``with stream_scope(stream) as s:`` launch on ``s``; allocations follow it.
+
+    ``stream=None`` is CuPy's current stream (``cuda``) or the default stream
+    (``sim``). On ``sim`` and ``cpu`` a given stream is validated and ignored:
+    the simulator and NumPy run synchronously.
+    """
+    name = _backend.get_backend()
+    if stream is not None:
+        handle = stream_handle(stream)
+    if name == "cpu":
+        return _NO_SCOPE
+    if name == "sim" or stream is None:
+        return _Scope(current_stream())
+    cupy = _backend.cupy_or_none()
+    if cupy is None or cupy.cuda.get_current_stream().ptr == handle:
+        return _Scope(_numba_stream(handle))
+    if _module_root(stream) == "cupy" and hasattr(stream, "__enter__"):
+        cupy_stream = stream
+    else:
+        cupy_stream = _cupy_streams.get(handle)
+        if cupy_stream is None:
+            cupy_stream = _cupy_streams[handle] = (
+                cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle)
+            )
+    return _Scope(_numba_stream(handle), cupy_stream)
