@@ -1,0 +1,133 @@
+"""One small, ragged launch of every gpufc kernel family, checked against gpufc.reference.
+
+Written to run under compute-sanitizer (memcheck, racecheck, initcheck,
+synccheck) from bench/gpu_check.sh: shapes are a few tiles with ragged edges
+so every guarded load and store runs, one launch per kernel specialisation,
+because the sanitizer slows every launch and Numba compiles each
+specialisation on first use. Exits 1 when any output disagrees with the
+reference, 2 when no GPU backend is available.
+
+    compute-sanitizer --tool memcheck python3 bench/sanitizer_check.py
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import common  # noqa: F401  (puts the source tree first on sys.path)
+import numpy as np
+
+os.environ.setdefault("GPUFC_BACKEND", "cuda")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--max-configs", type=int, default=8, help="fast matmul configurations to launch (largest first)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+
+    from gpufc import backend
+
+    if backend.get_backend() not in ("cuda", "sim"):
+        print(f"sanitizer_check: needs the cuda (or sim) backend, got {backend.get_backend()!r}")
+        return 2
+    # Touch the device first: the sanitizer waits for the process's first CUDA call.
+    backend.numba_cuda().current_context()
+
+    import gpufc
+    from gpufc import bench as B
+    from gpufc import reference as ref
+
+    k = backend.kernels()
+    rng = np.random.default_rng(7)
+    results = []
+
+    def data(*shape, dtype=np.float32):
+        return rng.standard_normal(shape).astype(dtype)
+
+    def check(name, thunk, k_len=1, dtype=np.float32, exact=False):
+        """Run ``thunk() -> (got, want)`` and compare; an exception counts as a failure, the rest still run."""
+        try:
+            got, want = thunk()
+            got = B.to_host(got)
+            if exact:
+                ok = got.shape == want.shape and np.array_equal(got, want)
+                detail = "bit-exact" if ok else f"{int((got != want).sum())} elements differ"
+            else:
+                err = B.rel_err(got, want)
+                tol = B.tolerance(dtype, k_len)
+                ok = err <= tol
+                detail = f"rel err {err:.1e} (tol {tol:.1e})"
+        except Exception as err:  # noqa: BLE001
+            ok, detail = False, f"{type(err).__name__}: {str(err)[:300]}"
+        results.append(ok)
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+
+    def f64(*arrays):
+        return [a.astype(np.float64) for a in arrays]
+
+    # Forward through the public API (the configuration gpufc picks), plain and with the full epilogue.
+    x, w, b = data(70, 37), data(37, 67), data(67)
+    check("linear 70x37x67 +bias (default config)", lambda: (gpufc.linear(x, w, b), ref.linear(*f64(x, w, b))), 37)
+    x2, w2, b2 = data(45, 33), data(33, 29), data(29)
+    kw = {"activation": "gelu", "dropout_p": 0.3, "seed": 11, "offset": 6}
+    fwd = {}
+
+    def forward():
+        fwd["y"], fwd["z"] = gpufc.linear_forward(x2, w2, b2, save_preact=True, **kw)
+        return fwd["y"], ref.linear(*f64(x2, w2, b2), **kw)
+
+    check("linear 45x33x29 gelu+dropout (offset 6)", forward, 33)
+    check("linear 45x33x29 saved pre-activation", lambda: (fwd["z"], ref.linear(*f64(x2, w2, b2))), 33)
+
+    # Every matmul configuration, forced, on a shape ragged against each tile.
+    configs = [k.matmul.V1] + B.matmul_configs(k)[: args.max_configs]
+    want = ref.linear(*f64(x, w, b), activation="relu", dropout_p=0.25, seed=5, offset=8)
+    for cfg in configs:
+        check(f"matmul {B.config_name(cfg)} 70x37x67 relu+dropout",
+              lambda cfg=cfg: (B.kernel_linear(x, w, b, config=cfg, activation="relu", dropout_p=0.25, seed=5,
+                                               offset=8), want), 37)
+
+    # Backward: the transposed products, the bias reduction, the fused act/dropout gradient.
+    x3, w3, b3, g3 = data(37, 21), data(21, 29), data(29), data(37, 29)
+    kw3 = {"activation": "relu", "dropout_p": 0.2, "seed": 3, "offset": 4}
+    bwd = {}
+
+    def backward(i):
+        if not bwd:
+            _, z = gpufc.linear_forward(x3, w3, b3, save_preact=True, **kw3)
+            bwd["got"] = gpufc.linear_backward(x3, w3, g3, z, biases=b3, **kw3)
+            bwd["want"] = ref.linear_backward(*f64(x3, w3, g3, B.to_host(z)), **kw3)
+        return bwd["got"][i], bwd["want"][i]
+
+    for i, (name, k_len) in enumerate((("grad_x", 29), ("grad_w", 37), ("grad_b", 37))):
+        check(f"linear_backward 37x21x29 relu+dropout {name}", lambda i=i: backward(i), k_len)
+
+    # Dropout: unaligned offset and odd size (scalar path), aligned (vector path), backward, version 1.
+    for n, offset in ((4099, 3), (4096, 8)):
+        xd = data(n)
+        check(f"dropout n={n} offset={offset}",
+              lambda xd=xd, offset=offset: (gpufc.dropout(xd, 0.3, seed=9, offset=offset),
+                                           ref.dropout(xd, 0.3, seed=9, offset=offset)), exact=True)
+    gd = data(1031)
+    check("dropout_backward n=1031", lambda: (gpufc.dropout_backward(gd, 0.5, seed=2, offset=1),
+                                              ref.dropout_backward(gd, 0.5, seed=2, offset=1)), exact=True)
+    _, forceable = B.dropout_version(k)
+    if forceable:
+        xv = data(2053)
+        check("dropout version 1 n=2053", lambda: (B.kernel_dropout(xv, 0.4, seed=1, offset=5, version=1),
+                                                   ref.dropout(xv, 0.4, seed=1, offset=5)), exact=True)
+
+    # float64: its own specialisations.
+    x6, w6, b6 = data(19, 23, dtype=np.float64), data(23, 17, dtype=np.float64), data(17, dtype=np.float64)
+    check("linear float64 19x23x17", lambda: (gpufc.linear(x6, w6, b6), ref.linear(x6, w6, b6)), 23, np.float64)
+
+    backend.numba_cuda().synchronize()
+    bad = results.count(False)
+    print(f"sanitizer_check: {len(results) - bad} ok, {bad} failed, {time.perf_counter() - t_start:.1f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
