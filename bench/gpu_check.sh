@@ -21,7 +21,7 @@ HARD_LIMIT=${GPU_CHECK_LIMIT_S:-420}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu_check}
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPU_CHECK_RUNNING=1
 # The device image pairs numba-cuda 0.30.4 with NumPy 2.5, whose removal of
 # np.row_stack breaks numba-cuda's CUDA target at the first compile. Wheels
 # carried in .whl/ (NumPy 2.4.6 for cp312) are put first on the path.
