@@ -7,13 +7,20 @@
 from . import reference
 from .backend import backend_info, get_backend, set_backend
 from .functional import dropout, dropout_backward, linear, linear_backward, linear_forward
-from .layers import DropoutLayer, FullyConnectedLayer
+from .layers import DropoutLayer, FullyConnectedLayer, Module, Sequential
+from .losses import SoftmaxCrossEntropy, softmax_cross_entropy
+from .optim import SGD, Adam
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
+    "Adam",
     "DropoutLayer",
     "FullyConnectedLayer",
+    "Module",
+    "Sequential",
+    "SoftmaxCrossEntropy",
     "backend_info",
     "dropout",
     "dropout_backward",
@@ -23,4 +30,5 @@ __all__ = [
     "linear_forward",
     "reference",
     "set_backend",
+    "softmax_cross_entropy",
 ]
