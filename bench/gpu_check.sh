@@ -104,6 +104,10 @@ if [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ]; then
       $PY bench/sanitizer_check.py >"$WORK/san_$tool.txt" 2>&1 &
     SAN_PIDS+=($!)
   done
+  # Positive control: a planted out-of-bounds write must be reported, or "0 errors" means nothing.
+  timeout -k 5 $(( A_BUDGET - 10 )) "$SAN" --tool memcheck --launch-timeout 120 --print-limit 3 \
+    $PY bench/sanitizer_check.py --plant-oob >"$WORK/san_control.txt" 2>&1 &
+  SAN_PIDS+=($!)
 fi
 wait "$PID_MAIN"; RC_MAIN=$?
 RC_COMPILE=skipped
@@ -117,7 +121,7 @@ for pid in "${SAN_PIDS[@]}"; do wait "$pid"; done
     echo; echo "### pytest -m compile (exit $RC_COMPILE)"; cat "$WORK/pytest_compile.txt"
   fi
 } >"$DEST/pytest.txt"
-pytest_line() { grep -E "^(=+ )?[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)" "$1" | tail -1; }
+pytest_line() { grep -E "^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)" "$1" | tail -1; }
 PYTEST_SUMMARY="pytest (${MAIN_SEL[*]}): exit $RC_MAIN: $(pytest_line "$WORK/pytest_main.txt")"
 [ -n "$PID_COMPILE" ] && PYTEST_SUMMARY="$PYTEST_SUMMARY
 pytest (-m compile): exit $RC_COMPILE: $(pytest_line "$WORK/pytest_compile.txt")"
@@ -135,6 +139,12 @@ SAN_SUMMARY=""
     echo
   done
 } >"$DEST/sanitizer.txt"
+if [ -f "$WORK/san_control.txt" ]; then
+  {
+    echo "### positive control: compute-sanitizer --tool memcheck python3 bench/sanitizer_check.py --plant-oob"
+    cat "$WORK/san_control.txt"
+  } >>"$DEST/sanitizer.txt"
+fi
 for tool in "${TOOLS[@]}"; do
   f="$WORK/san_$tool.txt"
   [ -f "$f" ] || continue
@@ -143,6 +153,11 @@ for tool in "${TOOLS[@]}"; do
   SAN_SUMMARY="$SAN_SUMMARY
 $(printf '%-10s %s | %s' "$tool" "${summary:-no summary line (stopped or failed; see sanitizer.txt)}" "${checks:-checks did not finish}")"
 done
+if [ -f "$WORK/san_control.txt" ]; then
+  control=$(grep -E "ERROR SUMMARY" "$WORK/san_control.txt" | tail -1 | sed 's/^=* *//')
+  SAN_SUMMARY="$SAN_SUMMARY
+$(printf '%-10s %s' control "planted OOB write: ${control:-no summary line} (expect >= 1 error)")"
+fi
 [ -z "$SAN_SUMMARY" ] && SAN_SUMMARY="
 compute-sanitizer: skipped (no GPU or not found)"
 echo "$PYTEST_SUMMARY"

@@ -24,6 +24,8 @@ os.environ.setdefault("GPUFC_BACKEND", "cuda")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-configs", type=int, default=8, help="fast matmul configurations to launch (largest first)")
+    ap.add_argument("--plant-oob", action="store_true",
+                    help="positive control: launch only a kernel that writes out of bounds (memcheck must report it)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -34,6 +36,9 @@ def main(argv=None) -> int:
         return 2
     # Touch the device first: the sanitizer waits for the process's first CUDA call.
     backend.numba_cuda().current_context()
+
+    if args.plant_oob:
+        return plant_oob()
 
     import gpufc
     from gpufc import bench as B
@@ -127,6 +132,32 @@ def main(argv=None) -> int:
     bad = results.count(False)
     print(f"sanitizer_check: {len(results) - bad} ok, {bad} failed, {time.perf_counter() - t_start:.1f} s")
     return 1 if bad else 0
+
+
+cuda = None  # numba.cuda, bound by plant_oob once the backend is settled
+
+
+def _write_past_end(a):
+    # a is (4,), launched with 64 threads: the missing bounds check is the point.
+    a[cuda.threadIdx.x] = 1.0
+
+
+def plant_oob() -> int:
+    """Write past the end of a 4-element device array: memcheck must count errors here, which
+    shows that its "0 errors" on the real kernels covers Numba-compiled code."""
+    global cuda
+    from gpufc import backend
+
+    cuda = backend.numba_cuda()
+    kernel = cuda.jit("void(float32[::1])")(_write_past_end)
+    a = cuda.device_array(4, dtype=np.float32)
+    try:
+        kernel[1, 64](a)
+        cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - memcheck (or the simulator) turns the fault into an error
+        print(f"planted out-of-bounds write raised {type(err).__name__}")
+    print("sanitizer_check: planted out-of-bounds write launched (memcheck should report errors)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DEVICE_BACKEND, ON_GPU
 
 from gpufc import bench as B
-
-from conftest import DEVICE_BACKEND, ON_GPU
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -39,7 +38,7 @@ def _env(backend):
 
 
 def _run(args, backend, timeout=300, cwd=ROOT):
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env(backend), timeout=timeout,
+    out = subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=_env(backend), timeout=timeout,
                          cwd=cwd)
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-3000:]}"
     return out
@@ -102,7 +101,7 @@ def test_gpu_check_without_a_gpu_degrades_and_writes_its_files(tmp_path):
     env = _env("cpu")
     env.pop("GPUFC_BACKEND")
     env.update(OUT=str(tmp_path), PYTHON=sys.executable)
-    out = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], check=False, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.endswith("_no-GPU")
@@ -146,7 +145,7 @@ def test_readme_table_from_the_latest_gpu_result(tmp_path):
     for name, backend in (("2026-01-01_GPU", "cuda"), ("2026-02-01_cpu", "cpu")):
         (tmp_path / name).mkdir()
         B.write_json(tmp_path / name / "results.json", rows, {"backend": backend, "device": name}, [])
-    folder, doc = T.latest_gpu_result(tmp_path)
+    folder, _ = T.latest_gpu_result(tmp_path)
     assert folder.name == "2026-01-01_GPU", "CPU runs never feed the README"
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{T.START}\nold\n{T.END}\nrest\n")
@@ -161,7 +160,7 @@ def test_speedups_are_peer_time_over_own_time():
             (("gpufc", 1.0), ("cupy", 2.0), ("torch", 0.5))]
     rows.append(B.Row("op", "other", "f", "float32", "cupy", "", median_s=9.0))
     B.add_speedups(rows)
-    gpufc, cupy, torch, other = rows
+    gpufc, cupy, _, other = rows
     assert gpufc.speedups == {"cupy": 2.0, "torch": 0.5}
     assert cupy.speedups == {"gpufc": 0.5, "torch": 0.25}
     assert other.speedups == {}, "groups are per (op, shape, dtype)"
