@@ -152,7 +152,7 @@ def test_readme_table_from_the_latest_gpu_result(tmp_path):
     assert T.main(["--results", str(tmp_path), "--readme", str(readme), "--write"]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
-    assert "| linear | 64x64x64 | TFLOP/s | 0.5 | 0.333 | 1.5x |" in text
+    assert "| linear | 64x64x64 | TFLOP/s | 0.5 | 0.333 | 1.50x |" in text
 
 
 def test_speedups_are_peer_time_over_own_time():
