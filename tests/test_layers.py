@@ -16,15 +16,14 @@ import contextlib
 
 import numpy as np
 import pytest
+from conftest import requires_gpu
+from helpers import assert_close
 
 import gpufc
 from gpufc import reference as ref
 from gpufc.layers import DropoutLayer, FullyConnectedLayer, Module, Sequential
 from gpufc.losses import SoftmaxCrossEntropy, softmax_cross_entropy
 from gpufc.optim import SGD, Adam
-
-from conftest import requires_gpu
-from helpers import assert_close
 
 pytestmark = pytest.mark.kernels
 
@@ -76,7 +75,7 @@ def test_fc_gradients_finite_differences_cpu(cpu_backend, rng, activation, bias)
     r = rng.standard_normal((2, 3, 3))  # loss = sum(y * r), so d loss / d y = r
     layer.forward(x)
     gx = layer.backward(r)
-    loss = lambda: float(np.sum(layer.forward(x) * r))  # noqa: E731
+    loss = lambda: float(np.sum(layer.forward(x) * r))
     assert_close(gx, numeric_grad(loss, x), rtol=FD_RTOL, atol=FD_ATOL, what="grad_input")
     assert_close(layer.grad_weights, numeric_grad(loss, layer.weights), rtol=FD_RTOL, atol=FD_ATOL,
                  what="grad_weights")
@@ -94,7 +93,7 @@ def test_fc_with_dropout_gradients_cpu(cpu_backend, rng):
     y = fixed_forward(layer, x, 8)
     assert (y == 0).any(), "p = 0.4 on 24 elements should drop some"
     gx = layer.backward(r)
-    loss = lambda: float(np.sum(fixed_forward(layer, x, 8) * r))  # noqa: E731
+    loss = lambda: float(np.sum(fixed_forward(layer, x, 8) * r))
     assert_close(gx, numeric_grad(loss, x), rtol=FD_RTOL, atol=FD_ATOL, what="grad_input")
     assert_close(layer.grad_weights, numeric_grad(loss, layer.weights), rtol=FD_RTOL, atol=FD_ATOL,
                  what="grad_weights")
@@ -108,8 +107,22 @@ def test_dropout_layer_gradient_cpu(cpu_backend, rng):
     r = rng.standard_normal((3, 5))
     layer.forward(x)
     g = layer.backward(r)
-    loss = lambda: float(np.sum(fixed_forward(layer, x, 0) * r))  # noqa: E731
+    loss = lambda: float(np.sum(fixed_forward(layer, x, 0) * r))
     assert_close(g, numeric_grad(loss, x), rtol=FD_RTOL, atol=FD_ATOL, what="dropout grad_input")
+
+
+def test_nd_batches_through_a_layer(any_backend, rng):
+    layer = FullyConnectedLayer(4, 2, activation="relu", dtype=np.float64, seed=2)
+    x = rng.standard_normal((2, 3, 4))
+    r = rng.standard_normal((2, 3, 2))
+    y = layer.forward(x)
+    gx = layer.backward(r)
+    want = ref.linear_backward(x, layer.weights, r, biases=layer.biases, activation="relu")
+    assert y.shape == (2, 3, 2) and gx.shape == (2, 3, 4)
+    assert_close(y, ref.linear(x, layer.weights, layer.biases, activation="relu"), rtol=1e-12, atol=1e-12)
+    assert_close(gx, want[0], rtol=1e-12, atol=1e-12, what="grad_input")
+    assert_close(layer.grad_weights, want[1], rtol=1e-12, atol=1e-12, what="grad_weights")
+    assert_close(layer.grad_biases, want[2], rtol=1e-12, atol=1e-12, what="grad_biases")
 
 
 def test_eval_mode_backward_recomputes_preactivation(any_backend, rng):
@@ -129,7 +142,7 @@ def test_eval_mode_backward_recomputes_preactivation(any_backend, rng):
 
 
 def _layer_pair(activation, bias, dropout_rate):
-    kw = dict(bias=bias, activation=activation, dropout_rate=dropout_rate, dtype=np.float64, seed=5)
+    kw = {"bias": bias, "activation": activation, "dropout_rate": dropout_rate, "dtype": np.float64, "seed": 5}
     return FullyConnectedLayer(3, 4, **kw), FullyConnectedLayer(3, 4, **kw)
 
 
@@ -172,8 +185,8 @@ def test_fc_gradients_on_kernels(device_backend, rng, activation, bias, dropout_
 
 def test_dropout_layer_on_kernels(device_backend, rng):
     layer = DropoutLayer(0.3, seed=21)
-    x = rng.standard_normal((3, 5))
-    r = rng.standard_normal((3, 5))
+    x = rng.standard_normal((2, 3, 5))
+    r = rng.standard_normal((2, 3, 5))
     y = layer.forward(x)
     g = layer.backward(r)
     np.testing.assert_array_equal(y, ref.dropout(x, 0.3, seed=21, offset=0))

@@ -4,13 +4,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import requires_gpu
+from helpers import assert_close
 
 import gpufc
 from gpufc import cli
 from gpufc.train import build_model, export_digits, load_digits_arrays, train
-
-from conftest import requires_gpu
-from helpers import assert_close
 
 pytestmark = pytest.mark.kernels
 
@@ -48,7 +47,7 @@ def test_simulator_runs_an_epoch_like_the_reference(device_backend):
 
     float64, so that Adam's first step (about lr * sign(g)) cannot flip on rounding.
     """
-    kw = dict(epochs=1, batch_size=8, hidden=8, train_limit=16, test_limit=8, seed=3, dtype=np.float64)
+    kw = {"epochs": 1, "batch_size": 8, "hidden": 8, "train_limit": 16, "test_limit": 8, "seed": 3, "dtype": np.float64}
     got = train(**kw)
     previous = gpufc.set_backend("cpu")
     try:

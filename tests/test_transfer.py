@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
+from conftest import requires_gpu
 
 import gpufc
 from gpufc import reference as ref
 from gpufc import transfer as tx
 from gpufc.layers import DropoutLayer, FullyConnectedLayer
-
-from conftest import requires_gpu
 
 pytestmark = pytest.mark.kernels
 
