@@ -88,31 +88,41 @@ if [ "$HAVE_GPU" = 1 ]; then
 else
   MAIN_SEL=(-m "reference")  # no GPU: the plumbing only; CI runs the rest
 fi
-timeout -k 5 "$A_BUDGET" $PY -m pytest -q -p no:cacheprovider -rfEs --durations=10 $XDIST "${MAIN_SEL[@]}" tests \
-  >"$WORK/pytest_main.txt" 2>&1 &
-PID_MAIN=$!
+# Each job runs in its own process group (setsid), so whatever a stopped job leaves
+# behind (a sanitizer's python, pytest's workers) is killed by that group's id
+# before the benchmarks start: nothing else may use the GPU while they time.
+SETSID=$(command -v setsid >/dev/null && echo "setsid -w" || true)
+GROUPS_A=()
+$SETSID timeout -k 5 "$A_BUDGET" $PY -m pytest -v -p no:cacheprovider -rfEs --durations=10 $XDIST "${MAIN_SEL[@]}" \
+  tests >"$WORK/pytest_main.txt" 2>&1 &
+PID_MAIN=$!; GROUPS_A+=($!)
 PID_COMPILE=""
 if [ "$HAVE_GPU" = 1 ]; then
-  timeout -k 5 "$A_BUDGET" $PY -m pytest -q -p no:cacheprovider -rfEs -m compile tests >"$WORK/pytest_compile.txt" 2>&1 &
-  PID_COMPILE=$!
+  # CPU-only tier (CI runs it too); here only to see the device image's toolchain pass it.
+  $SETSID timeout -k 5 "$A_BUDGET" $PY -m pytest -v -p no:cacheprovider -rfEs -m compile tests \
+    >"$WORK/pytest_compile.txt" 2>&1 &
+  PID_COMPILE=$!; GROUPS_A+=($!)
 fi
 SAN_PIDS=()
 TOOLS=(memcheck racecheck initcheck synccheck)
 if [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ]; then
   for tool in "${TOOLS[@]}"; do
-    timeout -k 5 $(( A_BUDGET - 10 )) "$SAN" --tool "$tool" --launch-timeout 120 --print-limit 25 \
-      $PY bench/sanitizer_check.py >"$WORK/san_$tool.txt" 2>&1 &
-    SAN_PIDS+=($!)
+    $SETSID timeout -k 5 $(( A_BUDGET - 5 )) "$SAN" --tool "$tool" --launch-timeout 120 --print-limit 25 \
+      $PY bench/sanitizer_check.py --deadline-s $(( A_BUDGET - 45 )) >"$WORK/san_$tool.txt" 2>&1 &
+    SAN_PIDS+=($!); GROUPS_A+=($!)
   done
   # Positive control: a planted out-of-bounds write must be reported, or "0 errors" means nothing.
-  timeout -k 5 $(( A_BUDGET - 10 )) "$SAN" --tool memcheck --launch-timeout 120 --print-limit 3 \
+  $SETSID timeout -k 5 $(( A_BUDGET - 5 )) "$SAN" --tool memcheck --launch-timeout 120 --print-limit 3 \
     $PY bench/sanitizer_check.py --plant-oob >"$WORK/san_control.txt" 2>&1 &
-  SAN_PIDS+=($!)
+  SAN_PIDS+=($!); GROUPS_A+=($!)
 fi
 wait "$PID_MAIN"; RC_MAIN=$?
 RC_COMPILE=skipped
 [ -n "$PID_COMPILE" ] && { wait "$PID_COMPILE"; RC_COMPILE=$?; }
 for pid in "${SAN_PIDS[@]}"; do wait "$pid"; done
+if [ -n "$SETSID" ]; then
+  for pgid in "${GROUPS_A[@]}"; do kill -KILL -- "-$pgid" 2>/dev/null; done
+fi
 
 {
   echo "### pytest ${MAIN_SEL[*]} $XDIST (exit $RC_MAIN; 124 = stopped at ${A_BUDGET} s)"
@@ -149,6 +159,9 @@ for tool in "${TOOLS[@]}"; do
   f="$WORK/san_$tool.txt"
   [ -f "$f" ] || continue
   summary=$(grep -E "(ERROR|RACECHECK|INITCHECK|SYNCCHECK) SUMMARY" "$f" | sed 's/^=* *//' | paste -sd ';' -)
+  if [ -z "$summary" ]; then  # stopped before its summary: count the reports it printed
+    summary="stopped; $(grep -cE '^========= (Invalid|Error|Uninitialized|Barrier|Warning: Race|Program hit)' "$f") error reports before the stop"
+  fi
   checks=$(grep -E "^sanitizer_check:" "$f" | tail -1)
   SAN_SUMMARY="$SAN_SUMMARY
 $(printf '%-10s %s | %s' "$tool" "${summary:-no summary line (stopped or failed; see sanitizer.txt)}" "${checks:-checks did not finish}")"

@@ -50,6 +50,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -591,6 +592,14 @@ class Impl:
     own_mask: bool = False  # draws its own dropout mask (peers): validated statistically
 
 
+class Stopped(BaseException):
+    """SIGTERM (e.g. from ``timeout``): stop measuring, keep what was measured."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"signal {signum}")
+
+
 class Suite:
     """Runs the ops of :func:`plan` on the active backend and collects :class:`Row` entries."""
 
@@ -716,6 +725,9 @@ class Suite:
             runner = getattr(self, f"op_{op}")
             for item in shapes[op]:
                 self._tick(f"{op} {item}")
+                if time.monotonic() > self.deadline:
+                    self.skipped.append(f"{op} {item}: time budget")
+                    continue
                 try:
                     runner(item)
                 except Exception as err:  # noqa: BLE001 - e.g. out of memory: note it, go on with the next shape
@@ -1582,7 +1594,15 @@ def run(args) -> int:
         tick, console = _progress_factory(total, stack)
         log = (lambda msg: console.print(msg, markup=False, highlight=False)) if console else None
         suite = Suite(name, quick=quick, dtype=np.dtype(args.dtype), budget_s=args.budget_s, log=log, progress=tick)
-        rows = suite.run(ops)
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+        try:
+            rows = suite.run(ops)
+        except Stopped as why:  # write what was measured before the stop
+            suite.skipped.append(f"stopped by {why} before the suite finished")
+            rows = suite.rows
+            add_speedups(rows)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if tick:
             tick("done")
     env = suite.env
