@@ -242,14 +242,14 @@ _cupy_streams: dict = {}  # cudaStream_t handle -> cupy ExternalStream
 
 def current_stream():
     """The Numba stream to launch on: CuPy's current stream on ``cuda``, else the default stream."""
-    cuda = _backend.numba_cuda()
     cupy = _backend.cupy_or_none()
     if cupy is None:
-        return cuda.default_stream()
+        return _numba_stream(0)
     return _numba_stream(cupy.cuda.get_current_stream().ptr)
 
 
 def _numba_stream(handle: int):
+    """One Numba stream object per handle: Numba caches launch configurations by stream identity."""
     stream = _numba_streams.get(handle)
     if stream is None:
         cuda = _backend.numba_cuda()
