@@ -88,13 +88,15 @@ if [ "$HAVE_GPU" = 1 ]; then
 else
   MAIN_SEL=(-m "reference")  # no GPU: the plumbing only; CI runs the rest
 fi
+TEST_PATHS=tests
+[ "$HAVE_GPU" = 1 ] || TEST_PATHS=tests/test_reference.py
 # Each job runs in its own process group (setsid), so whatever a stopped job leaves
 # behind (a sanitizer's python, pytest's workers) is killed by that group's id
 # before the benchmarks start: nothing else may use the GPU while they time.
 SETSID=$(command -v setsid >/dev/null && echo "setsid -w" || true)
 GROUPS_A=()
 $SETSID timeout -k 5 "$A_BUDGET" $PY -m pytest -v -p no:cacheprovider -rfEs --durations=10 $XDIST "${MAIN_SEL[@]}" \
-  tests >"$WORK/pytest_main.txt" 2>&1 &
+  $TEST_PATHS >"$WORK/pytest_main.txt" 2>&1 &
 PID_MAIN=$!; GROUPS_A+=($!)
 PID_COMPILE=""
 if [ "$HAVE_GPU" = 1 ]; then

@@ -104,10 +104,10 @@ def plan(backend: str, quick: bool) -> dict:
     if backend == "cuda" and not quick:
         return {
             "linear": _sq(SQUARES) + [("mlp", s) for s in MLP] + [("small", s) for s in SMALL],
-            "fused": _sq(SQUARES) + [("mlp", s) for s in MLP[2:]] + [("small", SMALL[0])],
+            "fused": _sq(SQUARES) + [("mlp", MLP[2]), ("mlp", MLP[5]), ("small", SMALL[0])],
             "dropout": [1 << 20, 1 << 24, 1 << 26, 1 << 28],
             "overhead": [(64, 512, 512)],
-            "backward": _sq(SQUARES[:3]) + [("mlp", MLP[2]), ("mlp", MLP[4]), ("small", SMALL[0])],
+            "backward": _sq((1024, 4096)) + [("mlp", MLP[4]), ("small", SMALL[0])],
             "configs": [("square", (4096, 4096, 4096))],
         }
     if backend == "cuda":
@@ -660,7 +660,7 @@ class Suite:
     def _reps(self, est_s: float) -> int:
         if self.backend == "sim":
             return 1
-        target = 0.05 if self.quick else 0.25
+        target = 0.05 if self.quick else 0.2
         lo = 3 if est_s > 0.05 else 5
         hi = 20 if self.quick else 100
         return int(min(hi, max(lo, target / max(est_s, 1e-7))))
