@@ -1,0 +1,415 @@
+"""Version 2 of the matmul: register-tiled, double-buffered, code-generated.
+
+Same math and launch signature as :mod:`kernels.matmul` (read its docstring
+first)::
+
+    y (M, N) = epilogue(op(a) @ op(b)),  op(a) (M, K), op(b) (K, N)
+
+Tiling (one :class:`TileConfig`): a block of ``threads = (BM / TM) * (BN / TN)``
+threads owns a ``BM x BN`` tile of ``y`` (blockIdx.x walks the row tiles, so M
+has no practical limit; blockIdx.y the column tiles). It walks K in steps of
+``BK``, staging a ``BK x BM`` slice of ``op(a)`` and a ``BK x BN`` slice of
+``op(b)`` in shared memory, both k-major (``a_s[k, m]``, ``b_s[k, n]``) so
+each thread's inner-product operands are contiguous runs. Each thread keeps a
+``TM x TN`` accumulator tile in registers; per k step it reads TM + TN values
+from shared memory and issues TM * TN fused multiply-adds (64 FMAs per 16
+shared loads at 8 x 8, against v1's one per two).
+
+- The thread tile is split into runs of 4 rows and 4 columns spread across
+  the block tile (a thread with tile coordinates (ty, tx) owns rows
+  ``{0, BM/2} + 4 ty + {0..3}`` at TM = 8): a warp's 16-byte shared loads then
+  hit 32 distinct banks, and the 4 consecutive columns are one Philox block
+  in the dropout epilogue when aligned.
+- Shared memory is double-buffered: while the block multiplies buffer ``t % 2``,
+  each thread already holds the next slice in registers (loaded from global
+  memory before the multiply so the loads overlap it) and stores it into the
+  other buffer afterwards: one ``syncthreads`` per K step.
+- Global loads are scalar and ordered so a warp reads whole 32-byte sectors;
+  the operand stored with k contiguous (``a`` untransposed, ``b`` transposed) is
+  transposed on its way into shared memory, whose rows are padded by 16 bytes
+  to keep those stores conflict-free.
+- Ragged edges: loads outside ``op(a)`` / ``op(b)`` fill zeros, stores are guarded,
+  so every M, N, K >= 1 works.
+- Numba leaves a natural ``for k / for i / for j`` tile rolled (58% FMA in the
+  loop), so the kernel is generated Python source with the K step's body
+  written out: ``TM * TN`` named accumulators, no arrays, no local memory.
+  Index math is unsigned (uint64 rows and columns, so no negative-index
+  wraparound selects and no overflow past 2**31 elements).
+
+Shared memory: ``2 * BK * (BM + BN + 2 * pad) * itemsize`` bytes
+(17 KiB for 128 x 128 x 8 float32). Registers: see ``python bench/kernel_report.py``.
+
+The epilogue (bias, activation, dropout, pre-activation) runs on the registers,
+one group of up to 4 consecutive columns at a time
+(:func:`kernels.epilogue.make_group_store`), one store per element.
+
+Configurations are data: :data:`CONFIGS`, chosen by shape in
+:func:`choose_config`, the only place that decides which tile runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import linecache
+
+import numpy as np
+from numba import cuda, uint32, uint64
+
+from .epilogue import PLAIN, Epilogue, make_group_store
+
+GROUP = 4  # rows / columns per run of the thread tile; 4 float32 = one 16-byte shared load
+SMEM_LIMIT = 48 * 1024  # static shared memory per block
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One register-tiled configuration: the block tile ``bm x bn``, the K step ``bk``,
+    the per-thread tile ``tm x tn``; ``threads = (bm / tm) * (bn / tn)``."""
+
+    name: str
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+    min_blocks: int = 1  # resident blocks per SM to compile for: caps registers at 65536 / (threads * min_blocks)
+    version: int = 2
+
+    def __post_init__(self):
+        for side, t in (("tm", self.tm), ("tn", self.tn)):
+            assert t in (1, 2, 4, 8, 12, 16), f"{side} must be 1, 2, 4 or a multiple of 4 up to 16; got {t}."
+        assert self.bm % (self.tm // self.gm) == 0 and self.bm % self.tm == 0, (
+            f"bm={self.bm} must be a multiple of tm={self.tm} so the thread tiles cover the block tile."
+        )
+        assert self.bn % self.tn == 0, f"bn={self.bn} must be a multiple of tn={self.tn}."
+        assert 32 <= self.threads <= 1024 and self.threads % 32 == 0, (
+            f"A block must be whole warps, 32 to 1024 threads; {self.name} has {self.threads}."
+        )
+        for what, length in (("a", self.bm), ("b", self.bn)):
+            assert (length * self.bk) % self.threads == 0, (
+                f"The {what} slice ({length} x {self.bk}) must split evenly over {self.threads} threads."
+            )
+            for contiguous in (length, self.bk):
+                assert contiguous % self.threads == 0 or self.threads % contiguous == 0, (
+                    f"{self.threads} threads cannot walk a {what} slice row of {contiguous} elements evenly."
+                )
+
+    @property
+    def threads(self) -> int:
+        return (self.bm // self.tm) * (self.bn // self.tn)
+
+    @property
+    def launch_bounds(self) -> tuple[int, int]:
+        """``(max threads per block, min blocks per SM)`` for ``cuda.jit(launch_bounds=...)``."""
+        return self.threads, self.min_blocks
+
+    @property
+    def gm(self) -> int:
+        """Row runs per thread tile (runs of ``min(4, tm)`` rows, ``bm / gm`` apart)."""
+        return max(1, self.tm // GROUP)
+
+    @property
+    def gn(self) -> int:
+        return max(1, self.tn // GROUP)
+
+    def pad(self, dtype) -> int:
+        """Elements of padding per shared row: 16 bytes, keeps 16-byte alignment."""
+        return max(1, 16 // np.dtype(dtype).itemsize)
+
+    def shared_bytes(self, dtype) -> int:
+        return 2 * self.bk * (self.bm + self.bn + 2 * self.pad(dtype)) * np.dtype(dtype).itemsize
+
+    def grid(self, m: int, n: int) -> tuple[int, int]:
+        return ceil_div(m, self.bm), ceil_div(n, self.bn)
+
+    def block(self) -> tuple[int]:
+        return (self.threads,)
+
+
+# The configurations, largest tile first. Evidence (static, ptxas sm_90, not
+# measured on a GPU): registers / spills / FMA share in bench/kernel_report.py.
+CONFIGS = (
+    TileConfig("t128x128", 128, 128, 8, 8, 8),  # 256 threads; the large-problem workhorse
+    TileConfig("t128x64", 128, 64, 8, 8, 4),  # 256 threads; half the columns per block
+    TileConfig("t64x64", 64, 64, 8, 4, 4),  # 256 threads; 4x the blocks of t128x128
+    TileConfig("t32x32", 32, 32, 16, 2, 2),  # 256 threads; small M or N
+)
+_BY_NAME = {c.name: c for c in CONFIGS}
+
+# Per dtype, the configurations choose_config may pick, largest first. float64
+# doubles every register: 8 x 8 doubles would need ~200 registers.
+DTYPE_CONFIGS = {
+    np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32"),
+    np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
+}
+
+SMS = 132  # streaming multiprocessors of an H100 SXM; one wave of blocks per SM
+
+
+def config_by_name(name: str) -> TileConfig:
+    """The :data:`CONFIGS` entry called ``name`` (e.g. ``"t128x128"``)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"config must be one of {sorted(_BY_NAME)}, got config={name!r}") from None
+
+
+def choose_config(m: int, n: int, k: int, dtype) -> TileConfig:
+    """The configuration for ``(M, K) @ (K, N)`` in ``dtype``: the largest tile that
+    still gives every SM a block (``SMS`` blocks), else the smallest tile."""
+    names = DTYPE_CONFIGS[np.dtype(dtype)]
+    for name in names:
+        cfg = _BY_NAME[name]
+        gx, gy = cfg.grid(m, n)
+        if gx * gy >= SMS:
+            return cfg
+    return _BY_NAME[names[-1]]
+
+
+# ----------------------------------------------------------------------------
+# Source generation
+# ----------------------------------------------------------------------------
+
+
+class _Src:
+    """Lines of generated Python with indentation."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, line: str = ""):
+        self.lines.append("    " * self.depth + line if line else "")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _thread_offsets(block: int, t: int, g: int) -> list[tuple[int, int]]:
+    """(run, offset within the run) of each of a thread's ``t`` rows (or columns):
+    local index = run * (block / g) + thread coordinate * (t / g) + offset."""
+    v = t // g
+    return [(i // v, i % v) for i in range(t)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """``v`` consecutive elements of one operand along its stored contiguous
+    dimension, loaded by one thread: slice coordinates of the first element."""
+
+    mn: str  # offset within the BM (or BN) side of the slice
+    k: str  # offset within the BK side
+    v: int
+
+
+def _loader(src: _Src, cfg: TileConfig, op: str, length: int, k_contiguous: bool) -> list[_Run]:
+    """Emit one operand's per-thread load coordinates; return the thread's runs.
+
+    The ``length x BK`` slice is cut into runs of ``v = min(4, per thread)``
+    elements along the stored operand's contiguous dimension; run ``q = r *
+    threads + tid`` is run ``r`` of thread ``tid``, so a warp's runs are adjacent
+    and its loads, taken together, read whole sectors. One index per run: its
+    elements are at immediate offsets.
+    """
+    threads = cfg.threads
+    per_thread = length * cfg.bk // threads
+    v = min(GROUP, per_thread)
+    cont = cfg.bk if k_contiguous else length
+    assert per_thread % v == 0 and cont % v == 0, f"{cfg.name}: runs of {v} must tile the slice."
+    runs_per_row = cont // v
+    if threads >= runs_per_row:
+        assert threads % runs_per_row == 0, f"{cfg.name}: {threads} threads must cover whole rows of runs."
+        src(f"{op}_c = (tid % u64({runs_per_row})) * u64({v})")
+        src(f"{op}_o = tid // u64({runs_per_row})")
+    else:
+        assert runs_per_row % threads == 0, f"{cfg.name}: a row of runs must be whole multiples of {threads}."
+        src(f"{op}_c = tid * u64({v})")
+        src(f"{op}_o = u64(0)")
+    runs = []
+    for r in range(per_thread // v):
+        if threads >= runs_per_row:
+            c_off, o_off = 0, r * (threads // runs_per_row)
+        else:
+            c_off, o_off = (r % (runs_per_row // threads)) * threads * v, r // (runs_per_row // threads)
+        c = f"{op}_c + u64({c_off})" if c_off else f"{op}_c"
+        o = f"{op}_o + u64({o_off})" if o_off else f"{op}_o"
+        runs.append(_Run(o, c, v) if k_contiguous else _Run(c, o, v))
+    return runs
+
+
+def _emit_operand_setup(src: _Src, op: str, runs: list[_Run], k_contiguous: bool, arr: str, base: str,
+                        dim_mn: str, bk: int):
+    """Prologue: registers of slice 0 (the ragged one, guarded in k) and the run
+    indices of slice 1, which the K loop advances by ``{op}_step`` per slice.
+
+    Rows (columns) past the edge are clamped to the last one: they only feed
+    outputs that are never stored, so no load in the K loop needs a guard in mn.
+    """
+    for r, run in enumerate(runs):
+        src(f"{op}_k{r} = {run.k}")
+        if k_contiguous:
+            # elements (mn, k + j): one row, clamped; the loop index walks along it
+            src(f"{op}_mn{r} = min({base} + {run.mn}, {dim_mn} - u64(1)) * kd")
+            for j in range(run.v):
+                kj = f"{op}_k{r} + u64({j})"
+                src(f"{op}_r{r}_{j} = {arr}[{op}_mn{r} + {kj} - shift] if {kj} >= shift and {kj} - shift < kd else zero")
+            src(f"{op}_i{r} = {op}_mn{r} + u64({bk}) - shift + {op}_k{r}")
+        else:
+            # elements (mn + j, k): one stored row, each column clamped; the loop index walks down
+            for j in range(run.v):
+                src(f"{op}_col{r}_{j} = u32(min({base} + {run.mn} + u64({j}), {dim_mn} - u64(1)))")
+            ok = f"{op}_k{r} >= shift and {op}_k{r} - shift < kd"
+            for j in range(run.v):
+                src(f"{op}_r{r}_{j} = {arr}[({op}_k{r} - shift) * {dim_mn} + {op}_col{r}_{j}] if {ok} else zero")
+            src(f"{op}_i{r} = (u64({bk}) - shift + {op}_k{r}) * {dim_mn}")
+
+
+def _emit_loop_loads(src: _Src, op: str, runs: list[_Run], k_contiguous: bool, arr: str):
+    for r, run in enumerate(runs):
+        for j in range(run.v):
+            idx = f"{op}_i{r} + u64({j})" if k_contiguous else f"{op}_i{r} + {op}_col{r}_{j}"
+            src(f"{op}_r{r}_{j} = {arr}[{idx}] if more else zero")
+        src(f"{op}_i{r} += {op}_step")
+
+
+def _emit_stores(src: _Src, op: str, runs: list[_Run], k_contiguous: bool, smem: str, buf: str):
+    for r, run in enumerate(runs):
+        for j in range(run.v):
+            kk, mn = (f"{run.k} + u64({j})", run.mn) if k_contiguous else (run.k, f"{run.mn} + u64({j})")
+            src(f"{smem}[{buf}, {kk}, {mn}] = {op}_r{r}_{j}")
+
+
+def tiled_source(cfg: TileConfig, dtype, trans_a: bool, trans_b: bool, ep: Epilogue) -> tuple[str, dict]:
+    """The generated kernel's Python source and its globals (for ``exec``)."""
+    import numba
+
+    dtype = np.dtype(dtype)
+    nbtype = numba.from_dtype(dtype)
+    bm, bn, bk, tm, tn = cfg.bm, cfg.bn, cfg.bk, cfg.tm, cfg.tn
+    gm, gn = cfg.gm, cfg.gn
+    vm, vn = tm // gm, tn // gn
+    pad = cfg.pad(dtype)
+    a_kc, b_kc = not trans_a, trans_b  # is k the contiguous dimension of the stored operand?
+    s = _Src()
+    s(f"def matmul_{cfg.name}(a, b, bias, y, zout, kd, k0, k1, offset, threshold, scale):")
+    s.depth = 1
+    s(f"# {cfg.name}: block tile {bm} x {bn}, K step {bk}, thread tile {tm} x {tn}, {cfg.threads} threads.")
+    s(f"# a is the flat ({'K, M' if trans_a else 'M, K'}), b the flat ({'N, K' if trans_b else 'K, N'}), "
+      "y and zout are (M, N), bias (N).")
+    s("m = u64(y.shape[0])")
+    s("n = u64(y.shape[1])")
+    s(f"a_s = cuda.shared.array((2, {bk}, {bm + pad}), nbtype)")
+    s(f"b_s = cuda.shared.array((2, {bk}, {bn + pad}), nbtype)")
+    s(f"c_s = cuda.shared.array(({bm // tm}, {bn + pad}), nbtype)")
+    s("tid = u64(u32(cuda.threadIdx.x))")
+    s(f"row0 = u64(u32(cuda.blockIdx.x)) * u64({bm})")
+    s(f"col0 = u64(u32(cuda.blockIdx.y)) * u64({bn})")
+    s("# The K slices start at -shift, so the first one holds the ragged remainder")
+    s("# and every later one lies wholly inside K: only the first is guarded.")
+    s(f"ntiles = (kd + u64({bk - 1})) // u64({bk})")
+    s(f"shift = ntiles * u64({bk}) - kd")
+    s("# Loads: consecutive threads read consecutive addresses of each operand.")
+    la = _loader(s, cfg, "la", bm, a_kc)
+    lb = _loader(s, cfg, "lb", bn, b_kc)
+    _emit_operand_setup(s, "la", la, a_kc, "a", "row0", "m", bk)
+    _emit_operand_setup(s, "lb", lb, b_kc, "b", "col0", "n", bk)
+    s("# Index step from one K slice to the next.")
+    s(f"la_step = u64({bk}){'' if a_kc else ' * m'}")
+    s(f"lb_step = u64({bk}){'' if b_kc else ' * n'}")
+    _emit_stores(s, "la", la, a_kc, "a_s", "0")
+    _emit_stores(s, "lb", lb, b_kc, "b_s", "0")
+    s("# This thread's rows and columns of the block tile: runs of 4, half a tile apart.")
+    s(f"ty = tid // u64({bn // tn})")
+    s(f"ra = ty * u64({vm})")
+    s(f"cb = (tid % u64({bn // tn})) * u64({vn})")
+    ra = [f"ra + u64({r * (bm // gm) + o})" for r, o in _thread_offsets(bm, tm, gm)]
+    cb = [f"cb + u64({r * (bn // gn) + o})" for r, o in _thread_offsets(bn, tn, gn)]
+    for i in range(tm):
+        s(", ".join(f"c{i}_{j}" for j in range(tn)) + " = " + ", ".join("zero" for _ in range(tn)))
+    s("# Slice 0 must be complete before any thread reads it.")
+    s("cuda.syncthreads()")
+    s("cur = u64(0)")
+    s("for t in range(u64(1), ntiles + u64(1)):")
+    s.depth += 1
+    s("# Slice t into registers first, so its loads overlap the multiply of slice t - 1.")
+    s("# Predicated loads, not a branch: behind a branch the compiler sinks them below the multiply.")
+    s("more = t < ntiles")
+    _emit_loop_loads(s, "la", la, a_kc, "a")
+    _emit_loop_loads(s, "lb", lb, b_kc, "b")
+    for kk in range(bk):
+        for i in range(tm):
+            s(f"a{i} = a_s[cur, {kk}, {ra[i]}]")
+        for j in range(tn):
+            s(f"b{j} = b_s[cur, {kk}, {cb[j]}]")
+        for i in range(tm):
+            for j in range(tn):
+                s(f"c{i}_{j} += a{i} * b{j}")
+    s("nxt = cur ^ u64(1)")
+    s("# Buffer nxt was last read before the previous barrier, so it is free.")
+    _emit_stores(s, "la", la, a_kc, "a_s", "nxt")
+    _emit_stores(s, "lb", lb, b_kc, "b_s", "nxt")
+    s("# The new slice must be complete, and everyone done with cur, before the next step.")
+    s("cuda.syncthreads()")
+    s("cur = nxt")
+    s.depth -= 1
+    s("# Epilogue, one row of the thread tiles per pass: stage it in shared memory, then")
+    s("# the block applies bias / activation / dropout to runs of 4 columns and stores them")
+    s("# coalesced. A rolled loop here keeps one copy of the epilogue code (Philox is long).")
+    s(f"for p in range(u64({tm})):")
+    s.depth += 1
+    for i in range(tm):
+        s(f"{'if' if i == 0 else 'elif'} p == u64({i}):")
+        s.depth += 1
+        for j in range(tn):
+            s(f"c_s[ty, {cb[j]}] = c{i}_{j}")
+        s.depth -= 1
+    s("# The staged rows must be complete before the block reads them.")
+    s("cuda.syncthreads()")
+    s(f"rp = row0 + (p // u64({vm})) * u64({bm // gm}) + p % u64({vm})")
+    s(f"for e in range(tid, u64({(bm // tm) * bn // GROUP}), u64({cfg.threads})):")
+    s.depth += 1
+    s(f"sr = e // u64({bn // GROUP})")
+    s(f"sc = (e % u64({bn // GROUP})) * u64({GROUP})")
+    s(f"r = rp + sr * u64({vm})")
+    s("if r < m:")
+    s.depth += 1
+    s("store(y, zout, bias, r, col0 + sc, c_s[sr, sc], c_s[sr, sc + u64(1)], c_s[sr, sc + u64(2)], "
+      "c_s[sr, sc + u64(3)], n, k0, k1, offset, threshold, scale)")
+    s.depth -= 2
+    s("# Everyone must be done reading before the next pass overwrites the staged rows.")
+    s("cuda.syncthreads()")
+    s.depth -= 1
+    glb = {
+        "cuda": cuda, "u32": uint32, "u64": uint64, "nbtype": nbtype, "zero": dtype.type(0),
+        "store": make_group_store(ep, dtype.type),
+    }
+    return s.text(), glb
+
+
+def signature(dtype) -> str:
+    """Launch signature of every tiled kernel: flat operands, K passed explicitly.
+
+    (a, b, bias, y, zout, K, k0, k1, offset, threshold, scale)
+    """
+    import numba
+
+    t = numba.from_dtype(np.dtype(dtype))
+    return (
+        f"void({t}[::1], {t}[::1], {t}[::1], {t}[:, ::1], {t}[:, ::1], "
+        f"uint64, uint32, uint32, uint64, uint64, {t})"
+    )
+
+
+def tiled_function(cfg: TileConfig, dtype, trans_a: bool, trans_b: bool, ep: Epilogue = PLAIN):
+    """The uncompiled Python kernel: the generated source, exec'd (and registered with
+    linecache so tracebacks and ``inspect`` show it)."""
+    text, glb = tiled_source(cfg, dtype, trans_a, trans_b, ep)
+    tag = f"{'T' if trans_a else 'N'}{'T' if trans_b else 'N'}"
+    filename = f"<gpufc.kernels.matmul_tiled {cfg.name} {np.dtype(dtype).name} {tag} {ep.tag}>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    exec(compile(text, filename, "exec"), glb)  # noqa: S102 (our own generated source, no user input)
+    return glb[f"matmul_{cfg.name}"]
