@@ -65,7 +65,8 @@ _PTXAS_LINE = re.compile(
 def compile_ptx(spec, cc=(9, 0)) -> str:
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc)
+    bounds = getattr(spec, "launch_bounds", None)
+    ptx, _ = cuda.compile_ptx(spec.pyfunc, spec.signature, cc=cc, launch_bounds=bounds)
     return ptx
 
 
@@ -102,3 +103,127 @@ def assemble(spec, cc=(9, 0), *, disassemble=True) -> Resources:
         spill_stores=int(m.group("ss")) if m else 0, spill_loads=int(m.group("sl")) if m else 0,
         stack_bytes=int(m.group("stack")) if m else 0, local_instructions=local, sass=sass,
     )
+
+
+# ----------------------------------------------------------------------------
+# SASS analysis: the main loop's instruction mix
+# ----------------------------------------------------------------------------
+
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)(.*?);")
+_SASS_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+FMA_OPCODES = ("FFMA", "DFMA")
+
+
+@dataclasses.dataclass
+class LoopMix:
+    """Instruction mix of one loop of a kernel's SASS (see :func:`main_loop`)."""
+
+    instructions: int
+    fma: int
+    counts: dict  # opcode with modifiers (e.g. "LDS.128") -> count
+
+    @property
+    def fma_share(self) -> float:
+        return self.fma / self.instructions if self.instructions else 0.0
+
+    def count(self, prefix: str) -> int:
+        """Instructions whose opcode is ``prefix`` or starts with ``prefix + '.'``."""
+        return sum(n for op, n in self.counts.items() if op == prefix or op.startswith(prefix + "."))
+
+
+def sass_instructions(sass: str) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    """``([(opcode, operands), ...], {label: index of the next instruction})`` of nvdisasm output."""
+    insns: list[tuple[str, str]] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        lab = _SASS_LABEL.match(line)
+        if lab:
+            labels[lab.group(1)] = len(insns)
+            continue
+        m = _SASS_INSN.search(line)
+        if m:
+            insns.append((m.group(1), m.group(2)))
+    return insns, labels
+
+
+def main_loop(sass: str) -> LoopMix | None:
+    """The main (K) loop of a matmul kernel's SASS, or None when it has no loop.
+
+    Loops are the ranges of backward branches (a ``BRA`` to an earlier label: the
+    instructions from the label through the branch). The main loop is the one
+    that reads shared memory most (the most LDS instructions: a tiled GEMM's K
+    loop feeds every FMA from shared memory, while an epilogue loop reads a few
+    staged values and may hold more FMA of its own, e.g. float64 erf), then the
+    one with the most FMA (FFMA/DFMA), then the shortest range, so an inner loop
+    wins over the loop around it. Its FMA share is FMA instructions / all
+    instructions in the range (branch and barrier included): an upper bound on
+    the fraction of FMA peak it can reach, since each SM scheduler issues one
+    instruction per cycle."""
+    insns, labels = sass_instructions(sass)
+    best = None
+    for pos, (op, operands) in enumerate(insns):
+        if not op.startswith("BRA"):
+            continue
+        t = _SASS_TARGET.search(operands)
+        if not t or t.group(1) not in labels or labels[t.group(1)] > pos:
+            continue
+        body = [o for o, _ in insns[labels[t.group(1)]: pos + 1]]
+        fma = sum(1 for o in body if o.split(".")[0] in FMA_OPCODES)
+        lds = sum(1 for o in body if o.split(".")[0] == "LDS")
+        key = (lds, fma, -len(body))
+        if best is None or key > best[0]:
+            best = (key, body, fma)
+    if best is None:
+        return None
+    _, body, fma = best
+    counts: dict[str, int] = {}
+    for o in body:
+        counts[o] = counts.get(o, 0) + 1
+    return LoopMix(instructions=len(body), fma=fma, counts=counts)
+
+
+# ----------------------------------------------------------------------------
+# Theoretical occupancy
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources that bound resident blocks (CUDA occupancy calculator rules)."""
+
+    name: str
+    registers: int = 65536
+    shared_bytes: int = 228 * 1024
+    max_shared_per_block: int = 227 * 1024
+    threads: int = 2048
+    blocks: int = 32
+    reg_granularity: int = 256  # registers are allocated per warp in units of 256
+    shared_granularity: int = 128
+    shared_reserved_per_block: int = 1024  # the driver reserves 1 KiB per block (sm_80+)
+    warp_size: int = 32
+
+
+H100 = SMLimits("H100 (sm_90)")
+
+
+def occupancy(threads_per_block: int, registers: int, shared_bytes: int, sm: SMLimits = H100) -> dict:
+    """Theoretical occupancy of a kernel on ``sm``: resident blocks per SM, the
+    resident warps' share of the maximum, and which resource binds."""
+    warps = -(-threads_per_block // sm.warp_size)
+    regs_per_warp = -(-max(registers, 1) * sm.warp_size // sm.reg_granularity) * sm.reg_granularity
+    smem = -(-(shared_bytes + sm.shared_reserved_per_block) // sm.shared_granularity) * sm.shared_granularity
+    limits = {
+        "threads": sm.threads // (warps * sm.warp_size),
+        "blocks": sm.blocks,
+        "registers": sm.registers // (regs_per_warp * warps),
+        "shared": sm.shared_bytes // smem if shared_bytes <= sm.max_shared_per_block else 0,
+    }
+    blocks = min(limits.values())
+    bound = min(limits, key=lambda k: limits[k])
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * warps,
+        "occupancy": blocks * warps / (sm.threads // sm.warp_size),
+        "limited_by": bound,
+    }

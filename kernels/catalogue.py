@@ -15,6 +15,8 @@ class KernelSpec:
     pyfunc: object  # the Python function before cuda.jit
     signature: str  # the launch signature, e.g. "void(float32[:, ::1], ...)"
     main_loop: bool = False  # True where the static report should measure the main loop's FFMA share
+    launch_bounds: tuple | None = None  # cuda.jit(launch_bounds=...) the kernel is compiled with, if any
+    threads: int | None = None  # threads per block it launches with (the static report's occupancy), if fixed
 
 
 def specs():
