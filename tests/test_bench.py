@@ -121,14 +121,16 @@ def test_static_report_absent_and_present(tmp_path, monkeypatch):
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "kernel_report.py").write_text(
         "import json, os, sys\n"
-        "assert '--json' in sys.argv and os.environ['GPUFC_BACKEND'] == 'cpu'\n"
-        "assert 'NUMBA_ENABLE_CUDASIM' not in os.environ\n"
-        "print(json.dumps([{'name': 'k', 'spill_bytes': 0}]))\n"
+        "assert os.environ['GPUFC_BACKEND'] == 'cpu' and 'NUMBA_ENABLE_CUDASIM' not in os.environ\n"
+        "path = sys.argv[sys.argv.index('--json') + 1]\n"
+        "json.dump({'rows': [{'name': 'k', 'spill_bytes': 0}]}, open(path, 'w'))\n"
+        "print('name  spill_bytes')\n"
     )
     monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
     result = B.static_report(tmp_path, log=lambda m: None)
     assert result["status"] == "ok"
-    assert json.loads((tmp_path / "kernel_report.json").read_text())[0]["spill_bytes"] == 0
+    assert json.loads((tmp_path / "kernel_report.json").read_text())["rows"][0]["spill_bytes"] == 0
+    assert "spill_bytes" in (tmp_path / "kernel_report.txt").read_text()
 
 
 @pytest.mark.reference
