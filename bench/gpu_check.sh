@@ -140,8 +140,10 @@ pytest (-m compile): exit $RC_COMPILE: $(pytest_line "$WORK/pytest_compile.txt")
 
 SAN_SUMMARY=""
 {
-  if [ "$HAVE_GPU" = 0 ] || [ -z "$SAN" ]; then
-    echo "compute-sanitizer: skipped (${SAN:+no GPU}${SAN:-not found})"
+  if [ "$HAVE_GPU" = 0 ]; then
+    echo "compute-sanitizer: skipped (no GPU)"
+  elif [ -z "$SAN" ]; then
+    echo "compute-sanitizer: skipped (not found on PATH or under /usr/local/cuda*)"
   fi
   for tool in "${TOOLS[@]}"; do
     f="$WORK/san_$tool.txt"
