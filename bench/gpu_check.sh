@@ -133,7 +133,13 @@ fi
     echo; echo "### pytest -m compile (exit $RC_COMPILE)"; cat "$WORK/pytest_compile.txt"
   fi
 } >"$DEST/pytest.txt"
-pytest_line() { grep -E "^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)" "$1" | tail -1; }
+pytest_line() {
+  local line
+  line=$(grep -E "^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)" "$1" | tail -1)
+  if [ -n "$line" ]; then echo "$line"; return; fi
+  # Stopped before its summary: count the -v result lines it printed.
+  echo "stopped: $(grep -c ' PASSED ' "$1") passed, $(grep -c ' FAILED ' "$1") failed, $(grep -c ' ERROR ' "$1") errors, $(grep -c ' SKIPPED ' "$1") skipped before the stop"
+}
 PYTEST_SUMMARY="pytest (${MAIN_SEL[*]}): exit $RC_MAIN: $(pytest_line "$WORK/pytest_main.txt")"
 [ -n "$PID_COMPILE" ] && PYTEST_SUMMARY="$PYTEST_SUMMARY
 pytest (-m compile): exit $RC_COMPILE: $(pytest_line "$WORK/pytest_compile.txt")"
