@@ -9,6 +9,7 @@ from .backend import backend_info, get_backend, set_backend
 from .functional import dropout, dropout_backward, linear, linear_backward, linear_forward
 from .layers import DropoutLayer, FullyConnectedLayer, Module, Sequential
 from .losses import SoftmaxCrossEntropy, softmax_cross_entropy
+from .masks import dropout_mask, dropout_with_mask, pack_mask, unpack_mask
 from .optim import SGD, Adam
 
 __version__ = "0.1.0"
@@ -24,11 +25,15 @@ __all__ = [
     "backend_info",
     "dropout",
     "dropout_backward",
+    "dropout_mask",
+    "dropout_with_mask",
     "get_backend",
     "linear",
     "linear_backward",
     "linear_forward",
+    "pack_mask",
     "reference",
     "set_backend",
     "softmax_cross_entropy",
+    "unpack_mask",
 ]

@@ -36,11 +36,15 @@ __all__ = [
     "dropout",
     "dropout_backward",
     "dropout_keep_mask",
+    "dropout_keep_mask_packed",
     "dropout_scale",
     "dropout_threshold",
     "linear",
     "linear_backward",
+    "pack_mask",
+    "packed_size",
     "philox4x32_10",
+    "unpack_mask",
 ]
 
 # Random123 Philox4x32 constants (Salmon et al., SC'11).
@@ -303,3 +307,45 @@ def linear_backward(
     grad_w = x2.T @ g
     grad_b = g.sum(axis=0)
     return grad_x, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------
+# Packed masks (1 bit per element)
+# ----------------------------------------------------------------------------
+#
+# Layout: uint8 array of ceil(size / 8) bytes; element e (row-major flat index)
+# is bit e % 8 (least significant first) of byte e // 8, i.e.
+# numpy.packbits(mask.reshape(-1), bitorder="little"). Padding bits are 0.
+
+
+def packed_size(size: int) -> int:
+    """Bytes of a packed mask of ``size`` elements: ``ceil(size / 8)``."""
+    return -(-int(size) // 8)
+
+
+def pack_mask(mask) -> np.ndarray:
+    """Pack a bool mask (any shape) to uint8 ``(ceil(size / 8),)``: element e -> byte e // 8, bit e % 8."""
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"pack_mask: mask must be a bool array, got mask.dtype={m.dtype}")
+    return np.packbits(m.reshape(-1), bitorder="little")
+
+
+def unpack_mask(packed, shape) -> np.ndarray:
+    """Inverse of :func:`pack_mask`: uint8 ``(ceil(size / 8),)`` -> bool array of ``shape``."""
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    b = np.asarray(packed)
+    size = math.prod(shape)
+    if b.dtype != np.uint8 or b.ndim != 1:
+        raise TypeError(f"unpack_mask: packed must be a 1-D uint8 array, got dtype {b.dtype} and shape {b.shape}")
+    if b.size != packed_size(size):
+        raise ValueError(
+            f"unpack_mask: shape {shape} has {size} elements and needs ceil({size} / 8) = "
+            f"{packed_size(size)} bytes, got packed.shape={b.shape}"
+        )
+    return np.unpackbits(b, count=size, bitorder="little").astype(bool).reshape(shape)
+
+
+def dropout_keep_mask_packed(shape, p, seed=0, offset=0) -> np.ndarray:
+    """The contract's keep mask of ``shape``, packed: uint8 ``(ceil(size / 8),)``."""
+    return pack_mask(dropout_keep_mask(shape, p, seed, offset))
