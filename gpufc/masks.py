@@ -130,7 +130,7 @@ def pack_mask(mask):
     m = _tx.as_cupy(op).reshape(-1)
     pad = cupy.zeros(_ref.packed_size(m.size) * 8, dtype=cupy.uint8)
     pad[: m.size] = m
-    weights = (cupy.uint8(1) << cupy.arange(8, dtype=cupy.uint8)).astype(cupy.uint8)
+    weights = cupy.asarray([1, 2, 4, 8, 16, 32, 64, 128], dtype=cupy.uint8)  # bit e % 8, LSB first
     return _tx.to_caller((pad.reshape(-1, 8) * weights).sum(axis=1, dtype=cupy.uint8), op)
 
 

@@ -321,3 +321,19 @@ def test_v2_past_2_to_the_31_elements(device_backend):
     del x, y
     assert_same(head != 0, ref.dropout_keep_mask(4096, 0.5, KEY_SEED, 8), "head")
     assert_same(tail != 0, ref.dropout_keep_mask(4099, 0.5, KEY_SEED, 8 + n - 4099), "tail")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_mask_api_cupy_in_cupy_out(device_backend):
+    cp = pytest.importorskip("cupy", reason="CuPy is not installed")
+    x = cp.arange(45, dtype=cp.float32).reshape(5, 9)
+    y, bits = gpufc.dropout_with_mask(x, 0.5, seed=3, offset=4)
+    assert isinstance(y, cp.ndarray) and isinstance(bits, cp.ndarray) and bits.dtype == cp.uint8
+    want = ref.dropout_keep_mask((5, 9), 0.5, 3, 4)
+    assert_same(cp.asnumpy(bits), np.packbits(want, bitorder="little"), "packed on the device")
+    keep = gpufc.unpack_mask(bits, (5, 9))
+    assert isinstance(keep, cp.ndarray) and keep.dtype == cp.bool_
+    assert_same(cp.asnumpy(keep), want, "unpacked on the device")
+    assert_same(cp.asnumpy(gpufc.pack_mask(keep)), cp.asnumpy(bits), "packed again on the device")
+    assert_same(cp.asnumpy(y), ref.dropout(cp.asnumpy(x), 0.5, seed=3, offset=4), "y")
