@@ -161,8 +161,9 @@ def make_matmul_kernel(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = 
     """Compiled kernel for one (config, dtype, transposes, epilogue), cached."""
     src = kernel_source(cfg, dtype, trans_a, trans_b, ep)
     if isinstance(cfg, TileConfig):
-        bounds = launch_bounds(cfg)  # the simulator's jit takes no launch_bounds: pass it only when set
-        options = {"launch_bounds": bounds} if bounds else {}
+        bounds = cfg.launch_bounds(trans_a, trans_b)
+        # the simulator's jit takes no launch_bounds (and has no registers to bound)
+        options = {"launch_bounds": bounds} if bounds and not numba.config.ENABLE_CUDASIM else {}
         return cuda.jit(tiled_signature(dtype), **options)(src)
     return cuda.jit(signature(dtype, trans_a, trans_b))(src)
 
@@ -179,11 +180,6 @@ def kernel_source(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN
 def kernel_signature(cfg, dtype, trans_a=False, trans_b=False) -> str:
     """The launch signature of ``cfg``'s kernels (v1: 2-D operands; v2: flat operands and K)."""
     return tiled_signature(dtype) if isinstance(cfg, TileConfig) else signature(dtype, trans_a, trans_b)
-
-
-def launch_bounds(cfg):
-    """``cuda.jit(launch_bounds=...)`` of ``cfg``: set only where it asks for more than one block per SM."""
-    return cfg.launch_bounds if isinstance(cfg, TileConfig) and cfg.min_blocks > 1 else None
 
 
 def resolve_config(config, m: int, n: int, k: int, dtype):
@@ -330,7 +326,8 @@ def catalogue():
             for ta, tb, ep, tag in variants:
                 yield KernelSpec(
                     f"matmul/{cfg.name}/{dn}/{tag}/{ep.tag}", kernel_source(cfg, dt, ta, tb, ep),
-                    kernel_signature(cfg, dt, ta, tb), main_loop=True, launch_bounds=launch_bounds(cfg),
+                    kernel_signature(cfg, dt, ta, tb), main_loop=True,
+                    launch_bounds=cfg.launch_bounds(ta, tb) if isinstance(cfg, TileConfig) else None,
                     threads=cfg.threads,
                 )
     for act in ("relu", "gelu_tanh", "tanh", "sigmoid"):

@@ -1,50 +1,58 @@
 """Version 2 of the matmul: register-tiled, double-buffered, code-generated.
 
-Same math and launch signature as :mod:`kernels.matmul` (read its docstring
-first)::
+Same math as :mod:`kernels.matmul` (read its docstring first)::
 
     y (M, N) = epilogue(op(a) @ op(b)),  op(a) (M, K), op(b) (K, N)
+    forward x @ w: NN;   grad_x = g @ w.T: NT (trans_b);   grad_w = x.T @ g: TN (trans_a)
 
 Tiling (one :class:`TileConfig`): a block of ``threads = (BM / TM) * (BN / TN)``
 threads owns a ``BM x BN`` tile of ``y`` (blockIdx.x walks the row tiles, so M
-has no practical limit; blockIdx.y the column tiles). It walks K in steps of
+has no practical limit; blockIdx.y the column tiles). It walks K in slices of
 ``BK``, staging a ``BK x BM`` slice of ``op(a)`` and a ``BK x BN`` slice of
-``op(b)`` in shared memory, both k-major (``a_s[k, m]``, ``b_s[k, n]``) so
-each thread's inner-product operands are contiguous runs. Each thread keeps a
-``TM x TN`` accumulator tile in registers; per k step it reads TM + TN values
-from shared memory and issues TM * TN fused multiply-adds (64 FMAs per 16
-shared loads at 8 x 8, against v1's one per two).
+``op(b)`` in shared memory, both k-major (``a_s[k, m]``, ``b_s[k, n]``), so a
+thread's operands for one k are contiguous. Each thread keeps a ``TM x TN``
+accumulator tile in registers; per k it reads TM + TN values from shared memory
+and issues TM * TN fused multiply-adds (at 8 x 8: 64 FFMA per four 16-byte
+shared loads, against v1's one FFMA per two 4-byte loads). FLOPs ``2 M N K``;
+global traffic ``K (M N / BN + M N / BM)`` elements read (each operand re-read
+once per block column / row) + ``M N`` written.
 
-- The thread tile is split into runs of 4 rows and 4 columns spread across
-  the block tile (a thread with tile coordinates (ty, tx) owns rows
-  ``{0, BM/2} + 4 ty + {0..3}`` at TM = 8): a warp's 16-byte shared loads then
-  hit 32 distinct banks, and the 4 consecutive columns are one Philox block
-  in the dropout epilogue when aligned.
-- Shared memory is double-buffered: while the block multiplies buffer ``t % 2``,
-  each thread already holds the next slice in registers (loaded from global
-  memory before the multiply so the loads overlap it) and stores it into the
-  other buffer afterwards: one ``syncthreads`` per K step.
-- Global loads are scalar and ordered so a warp reads whole 32-byte sectors;
-  the operand stored with k contiguous (``a`` untransposed, ``b`` transposed) is
-  transposed on its way into shared memory, whose rows are padded by 16 bytes
-  to keep those stores conflict-free.
-- Ragged edges: loads outside ``op(a)`` / ``op(b)`` fill zeros, stores are guarded,
-  so every M, N, K >= 1 works.
-- Numba leaves a natural ``for k / for i / for j`` tile rolled (58% FMA in the
-  loop), so the kernel is generated Python source with the K step's body
-  written out: ``TM * TN`` named accumulators, no arrays, no local memory.
-  Index math is unsigned (uint64 rows and columns, so no negative-index
-  wraparound selects and no overflow past 2**31 elements).
+- Thread tile: runs of 4 rows and 4 columns spread over the block tile (at
+  TM = 8 thread (ty, tx) owns rows ``{0, BM/2} + 4 ty + {0..3}``), so each run
+  is one 16-byte shared load (LDS.128) and a warp's loads hit distinct banks.
+- Double buffering: slice t + 1 is loaded from global memory into registers
+  before the multiply of slice t (the loads overlap the FFMAs; they are
+  predicated, not branched around, since behind a branch the compiler sinks
+  them below the multiply), stored into the other buffer after it: one
+  ``syncthreads`` per slice.
+- Global loads, scalar: an operand stored with k contiguous (``a`` in NN, ``b``
+  in NT) is read in runs of 4 along k per thread (one index, immediate
+  offsets) and transposed into shared memory, whose rows are padded by 16 bytes
+  so those stores miss bank conflicts; an operand stored with m or n contiguous
+  is read one element per thread per row, consecutive threads on consecutive
+  columns (coalesced, conflict-free stores).
+- Ragged edges without guards in the K loop: the slices start at ``-shift``
+  (``shift = ceil(K / BK) BK - K``), so only the first, loaded before the loop,
+  is ragged and guarded; rows and columns past M or N are clamped to the last
+  one (they feed only outputs that are never stored). Every M, N >= 1, K >= 0.
+- Generated source: Numba leaves a natural ``for k / for i / for j`` tile
+  rolled (58% FFMA in the loop), so the K step's body is written out, with
+  ``TM * TN`` named accumulators (no arrays: no local memory). Index math is
+  unsigned 64-bit (no negative-index wraparound selects, no overflow past
+  2**31 elements); operands are passed flat with K explicit, so a run needs
+  one index.
+- Epilogue, one row of the thread tiles per pass: staged through shared memory,
+  then each thread applies :func:`kernels.epilogue.make_group_store` (bias,
+  activation, dropout, pre-activation) to runs of 4 consecutive columns and
+  stores them, coalesced, one store per element. A rolled loop keeps a single
+  copy of the Philox code (an unrolled 8 x 8 epilogue took 34 s to compile).
 
-Shared memory: ``2 * BK * (BM + BN + 2 * pad) * itemsize`` bytes
-(17 KiB for 128 x 128 x 8 float32). Registers: see ``python bench/kernel_report.py``.
+Shared memory: ``(2 BK (BM + BN + 2 pad) + (BM / TM) (BN + pad)) itemsize`` bytes,
+pad = 16 bytes (25 KiB for t128x128 float32). Registers, spills, occupancy and
+the main loop's FFMA share of every configuration: ``python bench/kernel_report.py``.
 
-The epilogue (bias, activation, dropout, pre-activation) runs on the registers,
-one group of up to 4 consecutive columns at a time
-(:func:`kernels.epilogue.make_group_store`), one store per element.
-
-Configurations are data: :data:`CONFIGS`, chosen by shape in
-:func:`choose_config`, the only place that decides which tile runs.
+Configurations are data: :data:`CONFIGS`; :func:`choose_config` is the one
+place that picks one by shape; ``launch_matmul(config=...)`` overrides.
 """
 
 from __future__ import annotations
@@ -77,34 +85,31 @@ class TileConfig:
     tm: int
     tn: int
     min_blocks: int = 1  # resident blocks per SM to compile for: caps registers at 65536 / (threads * min_blocks)
+    unbounded: tuple = ()  # operand layouts ("NN", "NT", "TN") compiled without that cap: they spill under it
     version: int = 2
 
     def __post_init__(self):
-        for side, t in (("tm", self.tm), ("tn", self.tn)):
-            assert t in (1, 2, 4, 8, 12, 16), f"{side} must be 1, 2, 4 or a multiple of 4 up to 16; got {t}."
-        assert self.bm % (self.tm // self.gm) == 0 and self.bm % self.tm == 0, (
-            f"bm={self.bm} must be a multiple of tm={self.tm} so the thread tiles cover the block tile."
-        )
-        assert self.bn % self.tn == 0, f"bn={self.bn} must be a multiple of tn={self.tn}."
+        for side, t, block in (("tm", self.tm, self.bm), ("tn", self.tn, self.bn)):
+            assert t in (1, 2, 4, 8), f"{self.name}: {side} must be 1, 2, 4 or 8 (runs of up to 4, two runs); got {t}."
+            assert block % t == 0, f"{self.name}: the block side {block} must be a multiple of {side}={t}."
         assert 32 <= self.threads <= 1024 and self.threads % 32 == 0, (
             f"A block must be whole warps, 32 to 1024 threads; {self.name} has {self.threads}."
         )
         for what, length in (("a", self.bm), ("b", self.bn)):
             assert (length * self.bk) % self.threads == 0, (
-                f"The {what} slice ({length} x {self.bk}) must split evenly over {self.threads} threads."
+                f"{self.name}: the {what} slice ({length} x {self.bk}) must split evenly over {self.threads} threads."
             )
-            for contiguous in (length, self.bk):
-                assert contiguous % self.threads == 0 or self.threads % contiguous == 0, (
-                    f"{self.threads} threads cannot walk a {what} slice row of {contiguous} elements evenly."
-                )
 
     @property
     def threads(self) -> int:
         return (self.bm // self.tm) * (self.bn // self.tn)
 
-    @property
-    def launch_bounds(self) -> tuple[int, int]:
-        """``(max threads per block, min blocks per SM)`` for ``cuda.jit(launch_bounds=...)``."""
+    def launch_bounds(self, trans_a: bool = False, trans_b: bool = False) -> tuple[int, int] | None:
+        """``(max threads per block, min blocks per SM)`` for ``cuda.jit(launch_bounds=...)``,
+        or None where ptxas may use up to 255 registers (``min_blocks == 1`` or an unbounded layout)."""
+        layout = ("T" if trans_a else "N") + ("T" if trans_b else "N")
+        if self.min_blocks <= 1 or layout in self.unbounded:
+            return None
         return self.threads, self.min_blocks
 
     @property
@@ -121,7 +126,10 @@ class TileConfig:
         return max(1, 16 // np.dtype(dtype).itemsize)
 
     def shared_bytes(self, dtype) -> int:
-        return 2 * self.bk * (self.bm + self.bn + 2 * self.pad(dtype)) * np.dtype(dtype).itemsize
+        """Static shared memory: two K-slice buffers per operand and the epilogue's staging rows."""
+        pad = self.pad(dtype)
+        elements = 2 * self.bk * (self.bm + self.bn + 2 * pad) + (self.bm // self.tm) * (self.bn + pad)
+        return elements * np.dtype(dtype).itemsize
 
     def grid(self, m: int, n: int) -> tuple[int, int]:
         return ceil_div(m, self.bm), ceil_div(n, self.bn)
@@ -133,15 +141,19 @@ class TileConfig:
 # The configurations, largest tile first. Evidence (static, ptxas sm_90, not
 # measured on a GPU): registers / spills / FMA share in bench/kernel_report.py.
 CONFIGS = (
-    TileConfig("t128x128", 128, 128, 8, 8, 8),  # 256 threads; the large-problem workhorse
+    # 256 threads; the large-problem workhorse. Two blocks per SM cap it at 128 registers
+    # (ptxas alone takes 129-156). The backward layouts spill under the cap (NT on sm_80, TN
+    # on sm_90) and run unbounded: ptxas gives them 127-128 registers on sm_90 anyway.
+    TileConfig("t128x128", 128, 128, 8, 8, 8, min_blocks=2, unbounded=("NT", "TN")),
     TileConfig("t128x64", 128, 64, 8, 8, 4),  # 256 threads; half the columns per block
     TileConfig("t64x64", 64, 64, 8, 4, 4),  # 256 threads; 4x the blocks of t128x128
     TileConfig("t32x32", 32, 32, 16, 2, 2),  # 256 threads; small M or N
 )
 _BY_NAME = {c.name: c for c in CONFIGS}
 
-# Per dtype, the configurations choose_config may pick, largest first. float64
-# doubles every register: 8 x 8 doubles would need ~200 registers.
+# Per dtype, the configurations choose_config may pick (and the catalogue compiles),
+# largest first. t128x128 in float64 needs 49 KiB of shared memory, over the 48 KiB
+# static limit, and 8 x 8 double accumulators alone take 128 registers.
 DTYPE_CONFIGS = {
     np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32"),
     np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
@@ -204,20 +216,24 @@ class _Run:
     mn: str  # offset within the BM (or BN) side of the slice
     k: str  # offset within the BK side
     v: int
+    k_off: int = 0  # the constant part of ``k`` (rows below the thread's first)
 
 
 def _loader(src: _Src, cfg: TileConfig, op: str, length: int, k_contiguous: bool) -> list[_Run]:
     """Emit one operand's per-thread load coordinates; return the thread's runs.
 
-    The ``length x BK`` slice is cut into runs of ``v = min(4, per thread)``
-    elements along the stored operand's contiguous dimension; run ``q = r *
-    threads + tid`` is run ``r`` of thread ``tid``, so a warp's runs are adjacent
-    and its loads, taken together, read whole sectors. One index per run: its
-    elements are at immediate offsets.
+    The ``length x BK`` slice is cut into runs of ``v`` elements along the
+    stored operand's contiguous dimension; run ``q = r * threads + tid`` is run
+    ``r`` of thread ``tid``, so a warp's runs are adjacent and its loads, taken
+    together, read whole sectors. With k contiguous, ``v = min(4, per thread)``:
+    one index per run, its elements at immediate offsets. With mn contiguous,
+    ``v = 1``: the thread's elements share one (clamped) column and differ by
+    whole rows, offsets that are the same in every thread (uniform registers);
+    runs along mn would need a clamped column per element, 3 more registers.
     """
     threads = cfg.threads
     per_thread = length * cfg.bk // threads
-    v = min(GROUP, per_thread)
+    v = min(GROUP, per_thread) if k_contiguous else 1
     cont = cfg.bk if k_contiguous else length
     assert per_thread % v == 0 and cont % v == 0, f"{cfg.name}: runs of {v} must tile the slice."
     runs_per_row = cont // v
@@ -237,7 +253,7 @@ def _loader(src: _Src, cfg: TileConfig, op: str, length: int, k_contiguous: bool
             c_off, o_off = (r % (runs_per_row // threads)) * threads * v, r // (runs_per_row // threads)
         c = f"{op}_c + u64({c_off})" if c_off else f"{op}_c"
         o = f"{op}_o + u64({o_off})" if o_off else f"{op}_o"
-        runs.append(_Run(o, c, v) if k_contiguous else _Run(c, o, v))
+        runs.append(_Run(o, c, v) if k_contiguous else _Run(c, o, v, o_off))
     return runs
 
 
@@ -259,21 +275,34 @@ def _emit_operand_setup(src: _Src, op: str, runs: list[_Run], k_contiguous: bool
                 src(f"{op}_r{r}_{j} = {arr}[{op}_mn{r} + {kj} - shift] if {kj} >= shift and {kj} - shift < kd else zero")
             src(f"{op}_i{r} = {op}_mn{r} + u64({bk}) - shift + {op}_k{r}")
         else:
-            # elements (mn + j, k): one stored row, each column clamped; the loop index walks down
-            for j in range(run.v):
-                src(f"{op}_col{r}_{j} = u32(min({base} + {run.mn} + u64({j}), {dim_mn} - u64(1)))")
+            # element (mn, k): its column clamped (shared by runs in one column); one row
+            # index per thread walks down, each run k_off rows below it
+            col = _col_name(op, runs, r)
+            if col == f"{op}_col{r}":
+                src(f"{col} = u32(min({base} + {run.mn}, {dim_mn} - u64(1)))")
             ok = f"{op}_k{r} >= shift and {op}_k{r} - shift < kd"
-            for j in range(run.v):
-                src(f"{op}_r{r}_{j} = {arr}[({op}_k{r} - shift) * {dim_mn} + {op}_col{r}_{j}] if {ok} else zero")
-            src(f"{op}_i{r} = (u64({bk}) - shift + {op}_k{r}) * {dim_mn}")
+            src(f"{op}_r{r}_0 = {arr}[({op}_k{r} - shift) * {dim_mn} + {col}] if {ok} else zero")
+            src(f"{op}_d{r} = u64({run.k_off}) * {dim_mn}")
+    if not k_contiguous:
+        src(f"{op}_kb = (u64({bk}) - shift + {op}_o) * {dim_mn}")
+
+
+def _col_name(op: str, runs: list[_Run], r: int) -> str:
+    """The variable holding run ``r``'s clamped column: the first run with the same column's."""
+    first = next(i for i, run in enumerate(runs) if run.mn == runs[r].mn)
+    return f"{op}_col{first}"
 
 
 def _emit_loop_loads(src: _Src, op: str, runs: list[_Run], k_contiguous: bool, arr: str):
     for r, run in enumerate(runs):
-        for j in range(run.v):
-            idx = f"{op}_i{r} + u64({j})" if k_contiguous else f"{op}_i{r} + {op}_col{r}_{j}"
-            src(f"{op}_r{r}_{j} = {arr}[{idx}] if more else zero")
-        src(f"{op}_i{r} += {op}_step")
+        if k_contiguous:
+            for j in range(run.v):
+                src(f"{op}_r{r}_{j} = {arr}[{op}_i{r} + u64({j})] if more else zero")
+            src(f"{op}_i{r} += {op}_step")
+        else:
+            src(f"{op}_r{r}_0 = {arr}[{op}_kb + {op}_d{r} + {_col_name(op, runs, r)}] if more else zero")
+    if not k_contiguous:
+        src(f"{op}_kb += {op}_step")
 
 
 def _emit_stores(src: _Src, op: str, runs: list[_Run], k_contiguous: bool, smem: str, buf: str):
@@ -288,6 +317,9 @@ def tiled_source(cfg: TileConfig, dtype, trans_a: bool, trans_b: bool, ep: Epilo
     import numba
 
     dtype = np.dtype(dtype)
+    if cfg.shared_bytes(dtype) > SMEM_LIMIT:
+        raise ValueError(f"{cfg.name} needs {cfg.shared_bytes(dtype)} bytes of shared memory in {dtype}, "
+                         f"over the {SMEM_LIMIT}-byte static limit; pick a smaller tile for {dtype}")
     nbtype = numba.from_dtype(dtype)
     bm, bn, bk, tm, tn = cfg.bm, cfg.bn, cfg.bk, cfg.tm, cfg.tn
     gm, gn = cfg.gm, cfg.gn
