@@ -239,11 +239,11 @@ def _loader(src: _Src, cfg: TileConfig, op: str, length: int, k_contiguous: bool
     runs_per_row = cont // v
     if threads >= runs_per_row:
         assert threads % runs_per_row == 0, f"{cfg.name}: {threads} threads must cover whole rows of runs."
-        src(f"{op}_c = (tid % u64({runs_per_row})) * u64({v})")
+        src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))
         src(f"{op}_o = tid // u64({runs_per_row})")
     else:
         assert runs_per_row % threads == 0, f"{cfg.name}: a row of runs must be whole multiples of {threads}."
-        src(f"{op}_c = tid * u64({v})")
+        src(f"{op}_c = tid" + (f" * u64({v})" if v > 1 else ""))
         src(f"{op}_o = u64(0)")
     runs = []
     for r in range(per_thread // v):
@@ -282,7 +282,7 @@ def _emit_operand_setup(src: _Src, op: str, runs: list[_Run], k_contiguous: bool
                 src(f"{col} = u32(min({base} + {run.mn}, {dim_mn} - u64(1)))")
             ok = f"{op}_k{r} >= shift and {op}_k{r} - shift < kd"
             src(f"{op}_r{r}_0 = {arr}[({op}_k{r} - shift) * {dim_mn} + {col}] if {ok} else zero")
-            src(f"{op}_d{r} = u64({run.k_off}) * {dim_mn}")
+            src(f"{op}_d{r} = u64({run.k_off}) * {dim_mn}" if run.k_off else f"{op}_d{r} = u64(0)")
     if not k_contiguous:
         src(f"{op}_kb = (u64({bk}) - shift + {op}_o) * {dim_mn}")
 
