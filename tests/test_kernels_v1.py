@@ -1,13 +1,18 @@
 """Kernels tier: the version-1 kernels against gpufc.reference, on the GPU or in the simulator.
 
+The host API is routed to the version-1 kernels here (the baseline is kept
+forever and must stay correct); the later versions have their own files.
 Shapes are awkward on purpose (0, 1, primes, below one tile, several tiles)
 and small, because the simulator runs every thread in Python.
 """
+
+import functools
 
 import numpy as np
 import pytest
 
 import gpufc
+from gpufc import backend
 from gpufc import reference as ref
 
 from helpers import assert_close, tolerance
@@ -17,6 +22,21 @@ pytestmark = pytest.mark.kernels
 # (M, K, N): one element; a prime below one 16-tile; K below one tile; several tiles with ragged edges.
 SHAPES = [(1, 1, 1), (7, 3, 5), (2, 17, 3), (33, 19, 18)]
 ACTS = list(ref.ACTIVATIONS)
+
+
+@pytest.fixture(autouse=True)
+def version_1(device_backend, monkeypatch):
+    """Every launch in this file goes to a version-1 kernel."""
+    k = backend.kernels()
+    monkeypatch.setattr(k.matmul, "choose_config", lambda m, n, k_, dtype: k.matmul.V1)
+    monkeypatch.setattr(k.matmul, "launch_bias_grad", functools.partial(k.matmul.launch_bias_grad, version=1))
+    for name in ("launch_dropout", "launch_act_dropout_backward"):
+        monkeypatch.setattr(k.dropout, name, functools.partial(getattr(k.dropout, name), version=1))
+
+
+def test_routing_reaches_version_1(rng):
+    k = backend.kernels()
+    assert k.matmul.resolve_config(None, 64, 64, 64, np.float32) is k.matmul.V1
 
 
 def _data(rng, m, k, n, dtype):
