@@ -105,6 +105,12 @@ if [ "$HAVE_GPU" = 1 ]; then
     >"$WORK/pytest_compile.txt" 2>&1 &
   PID_COMPILE=$!; GROUPS_A+=($!)
 fi
+PID_TRAIN=""
+if [ "$HAVE_GPU" = 1 ]; then
+  # gpufc train on the cuda backend: the MLP on the digits must reach 0.95 test accuracy.
+  $SETSID timeout -k 5 "$A_BUDGET" $PY -m gpufc train --no-progress >"$WORK/train.txt" 2>&1 &
+  PID_TRAIN=$!; GROUPS_A+=($!)
+fi
 SAN_PIDS=()
 TOOLS=(memcheck racecheck initcheck synccheck)
 if [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ]; then
@@ -121,6 +127,8 @@ fi
 wait "$PID_MAIN"; RC_MAIN=$?
 RC_COMPILE=skipped
 [ -n "$PID_COMPILE" ] && { wait "$PID_COMPILE"; RC_COMPILE=$?; }
+RC_TRAIN=skipped
+[ -n "$PID_TRAIN" ] && { wait "$PID_TRAIN"; RC_TRAIN=$?; }
 for pid in "${SAN_PIDS[@]}"; do wait "$pid"; done
 if [ -n "$SETSID" ]; then
   for pgid in "${GROUPS_A[@]}"; do kill -KILL -- "-$pgid" 2>/dev/null; done
@@ -131,6 +139,9 @@ fi
   cat "$WORK/pytest_main.txt"
   if [ -n "$PID_COMPILE" ]; then
     echo; echo "### pytest -m compile (exit $RC_COMPILE)"; cat "$WORK/pytest_compile.txt"
+  fi
+  if [ -n "$PID_TRAIN" ]; then
+    echo; echo "### python3 -m gpufc train --no-progress (exit $RC_TRAIN)"; cat "$WORK/train.txt"
   fi
 } >"$DEST/pytest.txt"
 pytest_line() {
@@ -143,6 +154,8 @@ pytest_line() {
 PYTEST_SUMMARY="pytest (${MAIN_SEL[*]}): exit $RC_MAIN: $(pytest_line "$WORK/pytest_main.txt")"
 [ -n "$PID_COMPILE" ] && PYTEST_SUMMARY="$PYTEST_SUMMARY
 pytest (-m compile): exit $RC_COMPILE: $(pytest_line "$WORK/pytest_compile.txt")"
+[ -n "$PID_TRAIN" ] && PYTEST_SUMMARY="$PYTEST_SUMMARY
+gpufc train (cuda): exit $RC_TRAIN: $(tail -1 "$WORK/train.txt")"
 
 SAN_SUMMARY=""
 {
