@@ -58,6 +58,7 @@ import numpy as np
 from numba import config, cuda, int64, uint8, uint32, uint64
 
 from .activations import make_activation
+from .launch import fast
 from .philox import THREE, TWO, keep_word, philox_block, select_word
 
 THREADS = 256  # per block; a multiple of the warp size
@@ -492,11 +493,11 @@ def launch_dropout(x, y, *, key, offset, threshold, scale, stream=0, version=2, 
     dtype = np.dtype(x.dtype).type
     args = (np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset), np.uint64(threshold), dtype(scale))
     if version == 1:
-        make_dropout_kernel(dtype, 1)[blocks or grid_for(x.size, threads), threads, stream](x, y, *args)
+        fast(make_dropout_kernel(dtype, 1))(blocks or grid_for(x.size, threads), threads, stream, x, y, *args)
         return
     kern = make_dropout_kernel(dtype, 2, _pick_vector(vector, offset, (x, y)))
     grid = v2_grid(kern, x.size, offset % GROUP, unroll_for(None), threads, blocks)
-    kern[grid, threads, stream](x, x, y, *args)
+    fast(kern)(grid, threads, stream, x, x, y, *args)
 
 
 def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset, threshold, scale, stream=0,
@@ -527,7 +528,7 @@ def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset,
     else:
         kern = make_act_dropout_backward_kernel(dtype, activation, dropout, 1)
         grid = blocks or grid_for(grad.size, threads)
-    kern[grid, threads, stream](*args)
+    fast(kern)(grid, threads, stream, *args)
 
 
 def launch_dropout_mask(mask, *, size, key, offset, threshold, stream=0, blocks=None, threads=THREADS):
@@ -539,8 +540,8 @@ def launch_dropout_mask(mask, *, size, key, offset, threshold, stream=0, blocks=
         return
     kern = make_dropout_mask_kernel()
     grid = blocks or max(1, min(resident_blocks(kern, threads), -(-nbytes // threads)))
-    kern[grid, threads, stream](mask, np.int64(size), np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset),
-                                np.uint64(threshold))
+    fast(kern)(grid, threads, stream, mask, np.int64(size), np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset),
+               np.uint64(threshold))
 
 
 def catalogue():

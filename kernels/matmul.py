@@ -44,6 +44,7 @@ import numpy as np
 from numba import cuda, uint32, uint64
 
 from .epilogue import PLAIN, Epilogue, make_epilogue
+from .launch import fast
 from .matmul_tiled import CONFIGS, DTYPE_CONFIGS, TileConfig, choose_config, config_by_name, tiled_function
 from .matmul_tiled import signature as tiled_signature
 
@@ -219,12 +220,12 @@ def launch_matmul(a, b, bias, y, zout, *, trans_a=False, trans_b=False, ep: Epil
                          f"({65535 * (cfg.bn if isinstance(cfg, TileConfig) else cfg.tile)} columns)")
     tail = (np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset), np.uint64(threshold), dtype.type(scale))
     if isinstance(cfg, V1Config):
-        kern[grid, cfg.block(), stream](a, b, bias, y, zout, *tail)
+        fast(kern)(grid, cfg.block(), stream, a, b, bias, y, zout, *tail)
         return
     if max(m, n, k) >= U32_LIMIT:
         raise ValueError(f"M, N and K must each be below 2**32 for {cfg.name}, got M={m}, N={n}, K={k}")
     # The tiled kernels index the operands flat (one index per run of 4 loads).
-    kern[grid, cfg.block(), stream](a.reshape(a.size), b.reshape(b.size), bias, y, zout, np.uint64(k), *tail)
+    fast(kern)(grid, cfg.block(), stream, a.reshape(a.size), b.reshape(b.size), bias, y, zout, np.uint64(k), *tail)
 
 
 def bias_grad_v1_source(dtype):
@@ -306,9 +307,9 @@ def launch_bias_grad(g, out, *, stream=0, version=2):
     """``out (N,) = g (M, N).sum(0)``, N > 0 (M may be 0: the sum is then 0). ``version=1`` runs the baseline."""
     kern = make_bias_grad_kernel(np.dtype(g.dtype).type, version)
     if version == 1:
-        kern[ceil_div(out.size, BIAS_GRAD_THREADS), BIAS_GRAD_THREADS, stream](g, out)
+        fast(kern)(ceil_div(out.size, BIAS_GRAD_THREADS), BIAS_GRAD_THREADS, stream, g, out)
     else:
-        kern[ceil_div(out.size, BIAS_COLS), BIAS_COLS * BIAS_LANES, stream](g, out)
+        fast(kern)(ceil_div(out.size, BIAS_COLS), BIAS_COLS * BIAS_LANES, stream, g, out)
 
 
 def catalogue():
