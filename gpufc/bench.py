@@ -108,7 +108,7 @@ def plan(backend: str, quick: bool) -> dict:
             "dropout": [1 << 20, 1 << 24, 1 << 26, 1 << 28],
             "overhead": [(64, 512, 512)],
             "backward": _sq((1024, 4096)) + [("mlp", MLP[4]), ("small", SMALL[0])],
-            "configs": [("square", (4096, 4096, 4096))],
+            "configs": [("square", (4096, 4096, 4096)), ("square", (8192, 8192, 8192)), ("mlp", MLP[3])],
         }
     if backend == "cuda":
         return {
@@ -874,8 +874,10 @@ class Suite:
         refs = self._linear_reference(x, w, b, m, n, None, 0.0)
         validate = self._linear_validator(refs, kk, 0.0)
         flops = 2.0 * m * n * kk
+        valid = _kernel_attr(self.k, "DTYPE_CONFIGS") or {}
+        names = valid.get(self.dtype, [config_name(c) for c in self.fast_configs])
         impls = [Impl("gpufc", config_name(cfg), lambda cfg=cfg: kernel_linear(x, w, b, config=cfg))
-                 for cfg in self.fast_configs]
+                 for cfg in self.fast_configs if config_name(cfg) in names]
         if self.cp is not None:
             impls.append(Impl("cupy", "x @ w + b: cuBLAS SGEMM + add kernel, TF32 off", lambda: x @ w + b))
         for impl in impls:

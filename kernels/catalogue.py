@@ -17,6 +17,7 @@ class KernelSpec:
     main_loop: bool = False  # True where the static report should measure the main loop's FFMA share
     launch_bounds: tuple | None = None  # cuda.jit(launch_bounds=...) the kernel is compiled with, if any
     threads: int | None = None  # threads per block it launches with (the static report's occupancy), if fixed
+    archs: tuple | None = None  # the compute capabilities the compile tier checks it for, e.g. ((9, 0),); None: all
 
 
 def specs():

@@ -52,7 +52,9 @@ pad = 16 bytes (25 KiB for t128x128 float32). Registers, spills, occupancy and
 the main loop's FFMA share of every configuration: ``python bench/kernel_report.py``.
 
 Configurations are data: :data:`CONFIGS`; :func:`choose_config` is the one
-place that picks one by shape; ``launch_matmul(config=...)`` overrides.
+place that picks one by shape, among :data:`PREFERRED` (the other entries of
+:data:`DTYPE_CONFIGS` are candidates, run only when forced);
+``launch_matmul(config=...)`` overrides.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class TileConfig:
     tn: int
     min_blocks: int = 1  # resident blocks per SM to compile for: caps registers at 65536 / (threads * min_blocks)
     unbounded: tuple = ()  # operand layouts ("NN", "NT", "TN") compiled without that cap: they spill under it
+    warp: tuple = ()  # (rows, columns) of thread tiles one warp covers; () = whole rows of the thread grid
     version: int = 2
 
     def __post_init__(self):
@@ -95,6 +98,12 @@ class TileConfig:
         assert 32 <= self.threads <= 1024 and self.threads % 32 == 0, (
             f"A block must be whole warps, 32 to 1024 threads; {self.name} has {self.threads}."
         )
+        if self.warp:
+            wr, wc = self.warp
+            assert wr * wc == 32 and (self.bn // self.tn) % wc == 0 and (self.bm // self.tm) % wr == 0, (
+                f"{self.name}: warp={self.warp} must be 32 thread tiles tiling the "
+                f"{self.bm // self.tm} x {self.bn // self.tn} thread grid."
+            )
         for what, length in (("a", self.bm), ("b", self.bn)):
             assert (length * self.bk) % self.threads == 0, (
                 f"{self.name}: the {what} slice ({length} x {self.bk}) must split evenly over {self.threads} threads."
@@ -148,13 +157,30 @@ CONFIGS = (
     TileConfig("t128x64", 128, 64, 8, 8, 4),  # 256 threads; half the columns per block
     TileConfig("t64x64", 64, 64, 8, 4, 4),  # 256 threads; 4x the blocks of t128x128
     TileConfig("t32x32", 32, 32, 16, 2, 2),  # 256 threads; small M or N
+    # Candidates for the large-problem workhorse (issue 3): timed by `gpufc bench --ops configs`,
+    # compiled and tested, not chosen until measured (PREFERRED). k16: K step 16, half the
+    # barriers per FFMA. w: warps cover 4 x 8 thread tiles (a 32 x 64 warp tile) instead of
+    # 2 x 16, 4 shared wavefronts per k step instead of 6. u: no register cap (1 block/SM).
+    TileConfig("t128x128k16", 128, 128, 16, 8, 8, min_blocks=2, unbounded=("NT", "TN")),
+    TileConfig("t128x128w", 128, 128, 8, 8, 8, min_blocks=2, unbounded=("NT", "TN"), warp=(4, 8)),
+    TileConfig("t128x128k16w", 128, 128, 16, 8, 8, min_blocks=2, unbounded=("NT", "TN"),
+               warp=(4, 8)),
+    TileConfig("t128x128u", 128, 128, 8, 8, 8),
 )
 _BY_NAME = {c.name: c for c in CONFIGS}
 
-# Per dtype, the configurations choose_config may pick (and the catalogue compiles),
-# largest first. t128x128 in float64 needs 49 KiB of shared memory, over the 48 KiB
+# Per dtype, the configurations that serve it (tested, compiled by the catalogue, timed by
+# `gpufc bench --ops configs`); choose_config picks among PREFERRED only. t128x128 in float64 needs 49 KiB of shared memory, over the 48 KiB
 # static limit, and 8 x 8 double accumulators alone take 128 registers.
 DTYPE_CONFIGS = {
+    np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32",
+                           "t128x128k16", "t128x128w", "t128x128k16w", "t128x128u"),
+    np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
+}
+
+# Per dtype, the configurations choose_config picks from, largest tile first (a subset of
+# DTYPE_CONFIGS: the rest are candidates, compiled and tested but only run when forced).
+PREFERRED = {
     np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32"),
     np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
 }
@@ -173,7 +199,7 @@ def config_by_name(name: str) -> TileConfig:
 def choose_config(m: int, n: int, k: int, dtype) -> TileConfig:
     """The configuration for ``(M, K) @ (K, N)`` in ``dtype``: the largest tile that
     still gives every SM a block (``SMS`` blocks), else the smallest tile."""
-    names = DTYPE_CONFIGS[np.dtype(dtype)]
+    names = PREFERRED[np.dtype(dtype)]
     for name in names:
         cfg = _BY_NAME[name]
         gx, gy = cfg.grid(m, n)
@@ -355,9 +381,19 @@ def tiled_source(cfg: TileConfig, dtype, trans_a: bool, trans_b: bool, ep: Epilo
     _emit_stores(s, "la", la, a_kc, "a_s", "0")
     _emit_stores(s, "lb", lb, b_kc, "b_s", "0")
     s("# This thread's rows and columns of the block tile: runs of 4, half a tile apart.")
-    s(f"ty = tid // u64({bn // tn})")
+    if cfg.warp:
+        wr, wc = cfg.warp
+        s(f"# A warp covers {wr} x {wc} thread tiles: each of its shared loads reads {wr} (a) or {wc} (b)")
+        s("# distinct 16-byte runs, one wavefront each, where a row of the thread grid needs two for b.")
+        s("lane = tid % u64(32)")
+        s("warp = tid // u64(32)")
+        s(f"ty = (warp // u64({bn // tn // wc})) * u64({wr}) + lane // u64({wc})")
+        s(f"tx = (warp % u64({bn // tn // wc})) * u64({wc}) + lane % u64({wc})")
+    else:
+        s(f"ty = tid // u64({bn // tn})")
+        s(f"tx = tid % u64({bn // tn})")
     s(f"ra = ty * u64({vm})")
-    s(f"cb = (tid % u64({bn // tn})) * u64({vn})")
+    s(f"cb = tx * u64({vn})")
     ra = [f"ra + u64({r * (bm // gm) + o})" for r, o in _thread_offsets(bm, tm, gm)]
     cb = [f"cb + u64({r * (bn // gn) + o})" for r, o in _thread_offsets(bn, tn, gn)]
     for i in range(tm):

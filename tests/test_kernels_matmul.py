@@ -29,15 +29,19 @@ def _kernels():
     return _backend.kernels()
 
 
-def _cases():
-    """(config name, dtype) for every configuration in the dtype's table."""
-    from gpufc.kernels.matmul_tiled import DTYPE_CONFIGS
+def _cases(table: str):
+    """(config name, dtype) for every configuration in the dtype's ``table`` (of kernels.matmul_tiled)."""
+    from gpufc.kernels import matmul_tiled
 
-    return [(name, np.dtype(dt).type) for dt, names in DTYPE_CONFIGS.items() for name in names]
+    return [(name, np.dtype(dt).type) for dt, names in getattr(matmul_tiled, table).items() for name in names]
 
 
-CASES = _cases()
+# Every configuration runs NN with the full epilogue, NT and TN; the configurations choose_config
+# picks (PREFERRED) also the plain forward and the exact mask check (simulator time).
+CASES = _cases("DTYPE_CONFIGS")
 CASE_IDS = [f"{name}-{np.dtype(dt).name}" for name, dt in CASES]
+CHOSEN = _cases("PREFERRED")
+CHOSEN_IDS = [f"{name}-{np.dtype(dt).name}" for name, dt in CHOSEN]
 
 
 def _cfg(name):
@@ -75,7 +79,7 @@ def _f64(*arrays):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,dtype", CHOSEN, ids=CHOSEN_IDS)
 def test_forward_plain(device_backend, rng, name, dtype):
     cfg = _cfg(name)
     # one more row than a tile, a ragged column tile, K = one slice + a ragged remainder
@@ -188,7 +192,7 @@ def test_fused_dropout_mask_is_bit_exact(device_backend, offset, n):
     assert (y[keep] == ref.dropout_scale(p, np.float32)).all()
 
 
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("name,dtype", CHOSEN, ids=CHOSEN_IDS)
 def test_fused_mask_every_config(device_backend, name, dtype):
     # The full-epilogue specialisation of each config with x = 0, b = 1: z == 1 exactly,
     # y == scale * gelu(1) where kept and 0 where dropped.
@@ -213,12 +217,14 @@ def test_fused_mask_every_config(device_backend, name, dtype):
 
 def test_choose_config_prefers_big_tiles_for_big_problems(device_backend):
     mm = _kernels().matmul
-    assert mm.choose_config(4096, 4096, 4096, np.float32).name == "t128x128"
+    assert mm.choose_config(4096, 4096, 4096, np.float32).name == mm.PREFERRED[np.dtype(np.float32)][0]
     small = mm.choose_config(64, 64, 4096, np.float32)
     assert small.bm * small.bn < 128 * 128
     for dt in (np.float32, np.float64):
         for shape in ((1, 1, 1), (100000, 3, 7), (8, 4096, 8192)):
-            assert mm.choose_config(*shape, dt).name in mm.DTYPE_CONFIGS[np.dtype(dt)]
+            assert mm.choose_config(*shape, dt).name in mm.PREFERRED[np.dtype(dt)]
+    for dt, names in mm.PREFERRED.items():
+        assert set(names) <= set(mm.DTYPE_CONFIGS[dt]), f"{dt}: PREFERRED {names} outside DTYPE_CONFIGS"
 
 
 def test_config_by_name_and_errors(device_backend):
