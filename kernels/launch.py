@@ -16,8 +16,9 @@ then calls ``cuda.core.launch`` exactly as ``_Kernel.launch`` does.
 Numba's own launch runs instead when the simulator is active, when
 ``GPUFC_FAST_LAUNCH=0``, when the kernel has anything the flattening does not
 cover (debug, cooperative, extensions, other argument types), and, per call,
-when an argument is not a Numba device array of the signature's dtype, rank
-and layout (Numba then converts it or raises its usual TypeError).
+when an argument is not a Numba device array of the signature's dtype and rank
+(Numba then converts it or raises its usual TypeError). A strided array for a
+C-order slot is a :class:`LayoutError`, never passed on.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ _FAST = os.environ.get("GPUFC_FAST_LAUNCH", "1") != "0"
 
 class _Mismatch(Exception):
     """An argument the packer does not take as is: this call goes through Numba."""
+
+
+class LayoutError(TypeError):
+    """A strided array for a C-order slot. Never handed to Numba: numba-cuda 0.30.4
+    launches it against a ``[:, ::1]`` signature as if it were contiguous (seen on an
+    H200, 2026-11-28), which would read the wrong elements."""
 
 
 def _array_packer(ty):
@@ -55,8 +62,11 @@ def _array_packer(ty):
             # C order exactly (Numba may call more layouts "C"; those go through Numba)
             step = itemsize
             for d in range(ndim - 1, -1, -1):
-                if strides[d] != step:
-                    raise _Mismatch
+                if strides[d] != step and shape[d] > 1:
+                    raise LayoutError(
+                        f"kernel argument of shape {shape} has strides {strides}, but the kernel's "
+                        f"signature {ty} needs C order: copy it (ascontiguousarray) first"
+                    )
                 step *= shape[d]
         out += (0, 0, a.size, itemsize, a.device_ctypes_pointer.value)
         out += shape
@@ -184,6 +194,8 @@ class FastKernel:
         if self.fast:
             try:
                 kernelargs = self._pack(args)
+            except LayoutError:
+                raise
             except (_Mismatch, AttributeError, TypeError):
                 kernelargs = None
             if kernelargs is not None:

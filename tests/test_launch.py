@@ -20,10 +20,12 @@ _PACKER_SCRIPT = textwrap.dedent(
     from numba.cuda.core import sigutils
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     from numba.cuda.dispatcher import _Kernel
-    from kernels import launch
-    from kernels.dropout import _MASK_SIG, _act_bwd_sig, _flat_sig
-    from kernels.matmul import _bias_grad_sig, signature
-    from kernels.matmul_tiled import signature as tiled_signature
+    from gpufc import backend
+    backend.kernels()  # registers gpufc.kernels (also when run from a source tree)
+    from gpufc.kernels import launch
+    from gpufc.kernels.dropout import _MASK_SIG, _act_bwd_sig, _flat_sig
+    from gpufc.kernels.matmul import _bias_grad_sig, signature
+    from gpufc.kernels.matmul_tiled import signature as tiled_signature
 
     class Data:  # stands in for device memory: Numba's path reads only its pointer
         def __init__(self, ptr):
@@ -80,7 +82,6 @@ _PACKER_SCRIPT = textwrap.dedent(
     pack = launch.make_packer(types)
     bad = [(dev((4, 6), np.float64), dev((6,), np.float32)),                 # dtype
            (dev((24,), np.float32), dev((6,), np.float32)),                  # rank
-           (dev((4, 6), np.float32, strides=(48, 8)), dev((6,), np.float32)),  # strided
            (dev((4, 6), np.float32),)]                                       # count
     for args in bad:
         try:
@@ -89,6 +90,14 @@ _PACKER_SCRIPT = textwrap.dedent(
             n += 1
         else:
             raise AssertionError(f"packed a mismatched argument list: {norm(pack(args))}")
+    # a strided array for a C-order slot is an error, never passed on
+    try:
+        pack((dev((4, 6), np.float32, strides=(48, 8)), dev((6,), np.float32)))
+    except launch.LayoutError as err:
+        assert "C order" in str(err)
+        n += 1
+    # a size-1 dimension's stride does not matter (Numba's own contiguity rule)
+    pack((dev((1, 6), np.float32, strides=(96, 4)), dev((6,), np.float32)))
     # types the packer leaves to Numba
     for sig in ("void(complex64)", "void(float32[::1, :])", "void(float16)", "void(UniTuple(int32, 2))"):
         assert launch.make_packer(sigutils.normalize_signature(sig)[0]) is None, sig
@@ -112,7 +121,7 @@ def test_env_switch_forces_numba_path():
 
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env.update(GPUFC_FAST_LAUNCH="0", GPUFC_BACKEND="cpu")
-    code = "from kernels import launch; print(launch._FAST)"
+    code = "from gpufc import backend; backend.kernels(); from gpufc.kernels import launch; print(launch._FAST)"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
 
@@ -122,8 +131,11 @@ def test_env_switch_forces_numba_path():
 def test_simulator_uses_numba_path(device_backend):
     from numba import cuda
 
-    from kernels import launch
-    from kernels.dropout import make_dropout_mask_kernel
+    from gpufc import backend
+
+    backend.kernels()
+    from gpufc.kernels import launch
+    from gpufc.kernels.dropout import make_dropout_mask_kernel
 
     kern = make_dropout_mask_kernel()
     args = (np.int64(20), np.uint32(1), np.uint32(2), np.uint64(0), np.uint64(2**31))
@@ -147,7 +159,10 @@ def _both_paths(kern, grid, block, make_args, out_index):
     """Launch once through FastKernel and once through Numba's own launch; outputs as bits."""
     from numba import cuda
 
-    from kernels import launch
+    from gpufc import backend
+
+    backend.kernels()
+    from gpufc.kernels import launch
 
     fk = launch.FastKernel(kern)
     a1, a2 = make_args(), make_args()
@@ -164,8 +179,8 @@ def _both_paths(kern, grid, block, make_args, out_index):
 def test_gpu_fast_path_matches_numba_launch(dtype, device_backend, rng):
     from numba import cuda
 
-    from kernels.dropout import THREADS, make_dropout_kernel, make_dropout_mask_kernel
-    from kernels.matmul import make_bias_grad_kernel, make_matmul_kernel, resolve_config
+    from gpufc.kernels.dropout import THREADS, make_dropout_kernel, make_dropout_mask_kernel
+    from gpufc.kernels.matmul import make_bias_grad_kernel, make_matmul_kernel, resolve_config
 
     n = 4099
     x = rng.standard_normal(n).astype(dtype)
@@ -205,12 +220,15 @@ def test_gpu_fast_path_matches_numba_launch(dtype, device_backend, rng):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_launchers_take_fast_path_and_fall_back_on_mismatch(device_backend, rng):
+def test_gpu_launchers_take_fast_path_and_refuse_strided_operands(device_backend, rng):
     from numba import cuda
 
-    from kernels import launch
-    from kernels.dropout import launch_dropout, make_dropout_kernel
-    from kernels.matmul import _bias_grad_sig, make_bias_grad_kernel
+    from gpufc import backend
+
+    backend.kernels()
+    from gpufc.kernels import launch
+    from gpufc.kernels.dropout import launch_dropout, make_dropout_kernel
+    from gpufc.kernels.matmul import _bias_grad_sig, make_bias_grad_kernel
 
     x = cuda.to_device(rng.standard_normal(1024).astype(np.float32))
     y = cuda.device_array(1024, np.float32)
@@ -218,8 +236,8 @@ def test_gpu_launchers_take_fast_path_and_fall_back_on_mismatch(device_backend, 
     cuda.synchronize()
     assert launch.fast(make_dropout_kernel(np.float32, 2, True)).fast is True
 
-    # a strided operand goes through Numba, which rejects it for the C-contiguous signature
+    # a strided operand for a C-order slot is refused by gpufc (Numba would launch it as contiguous)
     assert "[:, ::1]" in _bias_grad_sig(np.float32)
     g = cuda.to_device(rng.standard_normal((8, 64)).astype(np.float32))[:, ::2]
-    with pytest.raises(TypeError):
+    with pytest.raises(launch.LayoutError, match="C order"):
         launch.fast(make_bias_grad_kernel(np.float32, 2))(1, 256, 0, g, cuda.device_array(32, np.float32))
