@@ -1,7 +1,8 @@
 """The README's performance table, generated from the latest committed GPU result.
 
 Reads ``bench/results/<date>_<gpu>/results.json`` (the latest folder by name
-whose rows were measured on the ``cuda`` backend), prints the markdown table,
+whose rows were measured on the ``cuda`` backend; ``*_followup`` folders, which
+hold only the few ops a short follow-up call re-measured, are skipped), prints the markdown table,
 and with ``--write`` puts it into README.md between the markers
 ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->``. Every figure in
 the table comes from that file: the README claims nothing else.
@@ -25,7 +26,8 @@ RESULTS = Path(ROOT) / "bench" / "results"
 
 def latest_gpu_result(results: Path = RESULTS):
     """(folder, parsed results.json) of the newest GPU run, or (None, None)."""
-    for folder in sorted((p for p in results.glob("*") if p.is_dir()), key=lambda p: p.name, reverse=True):
+    full_runs = (p for p in results.glob("*") if p.is_dir() and not p.name.endswith("_followup"))
+    for folder in sorted(full_runs, key=lambda p: p.name, reverse=True):
         path = folder / "results.json"
         if not path.is_file():
             continue
