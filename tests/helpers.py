@@ -52,3 +52,17 @@ def run_clean_python(code: str, timeout: int = 900):
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "GPUFC_BACKEND")}
     env["GPUFC_BACKEND"] = "cpu"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def numeric_grad(f, arr, h=1e-6):
+    """Central differences of the scalar ``f()`` with respect to every element of ``arr`` (in place)."""
+    g = np.zeros_like(arr)
+    for idx in np.ndindex(arr.shape):
+        old = arr[idx]
+        arr[idx] = old + h
+        fp = f()
+        arr[idx] = old - h
+        fm = f()
+        arr[idx] = old
+        g[idx] = (fp - fm) / (2 * h)
+    return g

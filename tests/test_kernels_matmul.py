@@ -13,7 +13,7 @@ about 40.
 import numpy as np
 import pytest
 from conftest import requires_gpu
-from helpers import assert_close, tolerance
+from helpers import assert_close, numeric_grad, tolerance
 
 import gpufc
 from gpufc import backend as _backend
@@ -276,7 +276,7 @@ def test_linear_backward_matches_reference(device_backend, rng, activation, drop
 def test_linear_backward_matches_finite_differences(device_backend, rng):
     # L = sum(go * linear(x, w, b)) in float64; central differences of the reference forward
     # (the mask is fixed by seed/offset, so L is smooth away from no kinks with tanh).
-    m, k, n, h = 4, 3, 5, 1e-6
+    m, k, n = 4, 3, 5
     x, w, b = _data(rng, m, k, n, np.float64)
     go = rng.standard_normal((m, n))
     kw = {"activation": "tanh", "dropout_p": 0.25, "seed": 9, "offset": 1}
@@ -284,25 +284,14 @@ def test_linear_backward_matches_finite_differences(device_backend, rng):
     def loss(x_, w_, b_):
         return float((go * ref.linear(x_, w_, b_, **kw)).sum())
 
-    def numeric(arr, f):
-        grad = np.zeros_like(arr)
-        for idx in np.ndindex(arr.shape):
-            old = arr[idx]
-            arr[idx] = old + h
-            up = f()
-            arr[idx] = old - h
-            down = f()
-            arr[idx] = old
-            grad[idx] = (up - down) / (2 * h)
-        return grad
-
     gx, gw, gb = gpufc.linear_backward(x, w, go, biases=b, **kw)
-    def f():  # closes over the arrays numeric() perturbs in place
+
+    def f():  # closes over the arrays numeric_grad() perturbs in place
         return loss(x, w, b)
 
-    assert_close(gx, numeric(x, f), rtol=1e-6, atol=1e-7, what="grad_x vs finite differences")
-    assert_close(gw, numeric(w, f), rtol=1e-6, atol=1e-7, what="grad_weights vs finite differences")
-    assert_close(gb, numeric(b, f), rtol=1e-6, atol=1e-7, what="grad_biases vs finite differences")
+    assert_close(gx, numeric_grad(f, x), rtol=1e-6, atol=1e-7, what="grad_x vs finite differences")
+    assert_close(gw, numeric_grad(f, w), rtol=1e-6, atol=1e-7, what="grad_weights vs finite differences")
+    assert_close(gb, numeric_grad(f, b), rtol=1e-6, atol=1e-7, what="grad_biases vs finite differences")
 
 
 # ----------------------------------------------------------------------------

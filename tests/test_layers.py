@@ -17,7 +17,7 @@ import contextlib
 import numpy as np
 import pytest
 from conftest import requires_gpu
-from helpers import assert_close
+from helpers import assert_close, numeric_grad
 
 import gpufc
 from gpufc import reference as ref
@@ -38,20 +38,6 @@ def backend(name):
         yield
     finally:
         gpufc.set_backend(previous)
-
-
-def numeric_grad(f, arr, h=1e-6):
-    """Central differences of the scalar ``f()`` with respect to every element of ``arr`` (in place)."""
-    g = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        old = arr[idx]
-        arr[idx] = old + h
-        fp = f()
-        arr[idx] = old - h
-        fm = f()
-        arr[idx] = old
-        g[idx] = (fp - fm) / (2 * h)
-    return g
 
 
 def fixed_forward(layer, x, offset):
