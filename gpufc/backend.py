@@ -93,13 +93,18 @@ def _activate(name: str) -> None:
             raise RuntimeError("backend 'cuda' is unavailable: Numba finds no usable CUDA GPU")
 
 
+def _requested() -> str:
+    """The backend ``GPUFC_BACKEND`` or auto-detection asks for (nothing is started)."""
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _parse(env) if env else _resolve_auto()
+
+
 def get_backend() -> str:
     """The active backend name, resolving ``GPUFC_BACKEND`` or auto-detection on first use."""
     if _state["name"] is None:
         with _lock:
             if _state["name"] is None:
-                env = os.environ.get(ENV_VAR, "").strip().lower()
-                name = _parse(env) if env else _resolve_auto()
+                name = _requested()
                 _activate(name)
                 _state["name"] = name
     return _state["name"]
@@ -112,7 +117,9 @@ def set_backend(name: str) -> str:
     one process (numba is imported one way or the other).
     """
     name = _parse(name)
-    previous = get_backend()
+    # Not get_backend(): switching away must not first start the requested backend
+    # (GPUFC_BACKEND=cuda on a machine without a GPU would then refuse the way to cpu).
+    previous = _state["name"] or _requested()
     with _lock:
         _activate(name)
         _state["name"] = name

@@ -474,11 +474,9 @@ class FullyConnectedLayer(Module):
         self._check_params()
         wv, wk = _tx.device_view(_tx.operand(w, "weights"))
         bv, bk = _tx.device_view(_tx.operand(b, "biases")) if b is not None else (None, None)
-        if wk is w and (b is None or bk is b):  # device arrays used in place: the views stay valid
-            self._views = (w, b, wv, bv)
-        else:
-            self._views = None
-            self._keep = (wk, bk)  # host parameters: this call's copies, alive until the launch is queued
+        # Device arrays used in place: the views stay valid and are cached. Host parameters
+        # are copied per call; each view owns its copy until the launch is queued.
+        self._views = (w, b, wv, bv) if wk is w and (b is None or bk is b) else None
         return wv, bv
 
     # -- forward / backward -------------------------------------------------------

@@ -102,3 +102,20 @@ def test_backend_info_reports_versions():
 def test_set_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="'tpu'"):
         gpufc.set_backend("tpu")
+
+
+def test_switching_to_cpu_does_not_start_the_requested_backend():
+    # GPUFC_BACKEND=cuda with the simulator switched on: 'cuda' cannot start in that
+    # process, and set_backend("cpu") must still be a way out.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GPUFC_BACKEND="cuda", NUMBA_ENABLE_CUDASIM="1")
+    code = (
+        "import numpy as np, gpufc\n"
+        "print(gpufc.set_backend('cpu'), gpufc.get_backend(), gpufc.linear(np.ones((1, 2)), np.ones((2, 1)))[0, 0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["cuda", "cpu", "2.0"]

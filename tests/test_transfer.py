@@ -151,11 +151,6 @@ def test_host_parameters_are_copied_every_call(device_backend, monkeypatch, rng)
     np.testing.assert_allclose(layer.forward(x), 2 * y0 + 1, rtol=1e-5, atol=1e-5)  # biases started at 0
 
 
-def test_array_kinds_are_cached_by_type():
-    tx.operand(np.ones(2), "x")
-    assert tx._KIND_OF_TYPE[np.ndarray] == "numpy"
-
-
 # ----------------------------------------------------------------------------
 # GPU tier: streams for real
 # ----------------------------------------------------------------------------
