@@ -45,7 +45,16 @@ from numba import cuda, uint32, uint64
 
 from .epilogue import PLAIN, Epilogue, make_epilogue
 from .launch import fast
-from .matmul_tiled import CONFIGS, DTYPE_CONFIGS, PREFERRED, TileConfig, choose_config, config_by_name, tiled_function
+from .matmul_tiled import (
+    CONFIGS,
+    DTYPE_CONFIGS,
+    PREFERRED,
+    SMS,
+    TileConfig,
+    choose_config,
+    config_by_name,
+    tiled_function,
+)
 from .matmul_tiled import signature as tiled_signature
 
 __all__ = [
@@ -184,11 +193,24 @@ def kernel_signature(cfg, dtype, trans_a=False, trans_b=False) -> str:
     return tiled_signature(dtype) if isinstance(cfg, TileConfig) else signature(dtype, trans_a, trans_b)
 
 
+_sm_count: list = []
+
+
+def device_sm_count() -> int:
+    """Streaming multiprocessors of the current device, read once (the H100's 132 in the simulator)."""
+    if not _sm_count:
+        try:
+            _sm_count.append(int(cuda.get_current_device().MULTIPROCESSOR_COUNT))
+        except Exception:  # noqa: BLE001 -- the simulator's device has no attribute table
+            _sm_count.append(SMS)
+    return _sm_count[0]
+
+
 def resolve_config(config, m: int, n: int, k: int, dtype):
     """``config`` as a configuration object: None -> :func:`choose_config`; a name -> that
     configuration (``"v1_t16"`` is V1); a V1Config or TileConfig as given."""
     if config is None:
-        return choose_config(m, n, k, dtype)
+        return choose_config(m, n, k, dtype, sms=device_sm_count())
     if isinstance(config, str):
         return V1 if config == V1.name else config_by_name(config)
     if isinstance(config, (V1Config, TileConfig)):

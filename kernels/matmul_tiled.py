@@ -170,7 +170,8 @@ CONFIGS = (
 _BY_NAME = {c.name: c for c in CONFIGS}
 
 # Per dtype, the configurations that serve it (tested, compiled by the catalogue, timed by
-# `gpufc bench --ops configs`); choose_config picks among PREFERRED only. t128x128 in float64 needs 49 KiB of shared memory, over the 48 KiB
+# `gpufc bench --ops configs`); choose_config picks among PREFERRED only. t128x128 in
+# float64 needs 49 KiB of shared memory, over the 48 KiB
 # static limit, and 8 x 8 double accumulators alone take 128 registers.
 DTYPE_CONFIGS = {
     np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32",
@@ -196,14 +197,14 @@ def config_by_name(name: str) -> TileConfig:
         raise ValueError(f"config must be one of {sorted(_BY_NAME)}, got config={name!r}") from None
 
 
-def choose_config(m: int, n: int, k: int, dtype) -> TileConfig:
+def choose_config(m: int, n: int, k: int, dtype, sms: int = SMS) -> TileConfig:
     """The configuration for ``(M, K) @ (K, N)`` in ``dtype``: the largest tile that
-    still gives every SM a block (``SMS`` blocks), else the smallest tile."""
+    still gives every one of the device's ``sms`` SMs a block, else the smallest tile."""
     names = PREFERRED[np.dtype(dtype)]
     for name in names:
         cfg = _BY_NAME[name]
         gx, gy = cfg.grid(m, n)
-        if gx * gy >= SMS:
+        if gx * gy >= sms:
             return cfg
     return _BY_NAME[names[-1]]
 
