@@ -552,7 +552,7 @@ def kernel_linear(x, w, b, *, config, activation=None, dropout_p=0.0, seed=0, of
     ep = k.epilogue.Epilogue(activation, True, drop, False)
     k.matmul.launch_matmul(
         xv, wv, bv, yv, yv, ep=ep, stream=stream, config=config,
-        key=(seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF), offset=offset,
+        key=_ref.philox_key(seed), offset=offset,
         threshold=_ref.dropout_threshold(dropout_p), scale=_ref.dropout_scale(dropout_p, xo.dtype),
     )
     return _tx.to_caller(yh, xo)
@@ -569,7 +569,7 @@ def kernel_dropout(x, p, *, seed, offset, version):
     xv, _xk = _tx.device_view(xo)
     yv, yh = _tx.empty(xo.shape, xo.dtype)
     k.dropout.launch_dropout(
-        xv, yv, key=(seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF), offset=offset,
+        xv, yv, key=_ref.philox_key(seed), offset=offset,
         threshold=_ref.dropout_threshold(p), scale=_ref.dropout_scale(p, xo.dtype),
         stream=_tx.current_stream(), version=version,
     )

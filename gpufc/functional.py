@@ -76,8 +76,7 @@ class Dropout:
         p = _ref.check_p(p)
         seed = _ref.check_seed(seed)
         offset = _ref.check_offset(offset)
-        key = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
-        return cls(p, seed, offset, bool(training) and p > 0.0, key, _ref.dropout_threshold(p), {})
+        return cls(p, seed, offset, bool(training) and p > 0.0, _ref.philox_key(seed), _ref.dropout_threshold(p), {})
 
     def at(self, offset: int, active: bool = True) -> Dropout:
         """The same ``(p, seed)`` at another offset; ``active=False`` is the identity."""

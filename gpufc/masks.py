@@ -81,7 +81,7 @@ def dropout_mask(shape, p, *, seed=0, offset=0, packed=True, like=None):
     k = _backend.kernels()
     mv, mh = _tx.empty((_ref.packed_size(size),), np.uint8)
     k.dropout.launch_dropout_mask(
-        mv, size=size, key=(seed & 0xFFFFFFFF, seed >> 32), offset=offset,
+        mv, size=size, key=_ref.philox_key(seed), offset=offset,
         threshold=_ref.dropout_threshold(p), stream=_tx.current_stream(),
     )
     bits = _tx.to_caller(mh, lo)

@@ -44,6 +44,7 @@ __all__ = [
     "pack_mask",
     "packed_size",
     "philox4x32_10",
+    "philox_key",
     "unpack_mask",
 ]
 
@@ -144,6 +145,12 @@ def check_offset(offset) -> int:
     return o
 
 
+def philox_key(seed) -> tuple[int, int]:
+    """The contract's Philox key words ``(k0, k1) = (lo32(seed), hi32(seed))``."""
+    seed = check_seed(seed)
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
 def dropout_threshold(p: float) -> int:
     """``floor(p * 2**32)``, exact: scaling a float64 by a power of two is exact."""
     return int(math.floor(check_p(p) * 4294967296.0))
@@ -170,7 +177,7 @@ def dropout_keep_mask(shape, p, seed=0, offset=0) -> np.ndarray:
     counter = np.zeros((blocks.size, 4), dtype=np.uint32)
     counter[:, 0] = (blocks & _MASK32).astype(np.uint32)
     counter[:, 1] = (blocks >> np.uint64(32)).astype(np.uint32)
-    key = np.array([seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF], dtype=np.uint32)
+    key = np.array(philox_key(seed), dtype=np.uint32)
     words = philox4x32_10(counter, key).reshape(-1)
     start = n0 % 4
     words = words[start : start + size]
