@@ -15,4 +15,4 @@ Modules, one per op:
 - :mod:`.catalogue`   every kernel configuration, for the compile tier and the static report
 """
 
-from . import activations, catalogue, dropout, epilogue, matmul, philox  # noqa: E402,F401
+from . import activations, catalogue, dropout, epilogue, matmul, philox  # noqa: F401

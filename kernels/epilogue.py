@@ -58,7 +58,7 @@ class Epilogue:
 PLAIN = Epilogue()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_epilogue(ep: Epilogue, dtype):
     """Device function storing one output element as ``ep`` says, in ``dtype``."""
     act, _ = make_activation(ep.activation, dtype)
@@ -105,7 +105,7 @@ def words4(n0, k0, k1):
     return r3, t0, t1, t2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_group_store(ep: Epilogue, dtype):
     """Device function storing 4 consecutive outputs of one row as ``ep`` says.
 

@@ -167,7 +167,7 @@ def _v1_source(cfg: V1Config, dtype, trans_a: bool, trans_b: bool, ep: Epilogue)
     return matmul_v1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_matmul_kernel(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN):
     """Compiled kernel for one (config, dtype, transposes, epilogue), cached."""
     src = kernel_source(cfg, dtype, trans_a, trans_b, ep)
@@ -317,7 +317,7 @@ def bias_grad_v2_source(dtype):
     return bias_grad_v2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_bias_grad_kernel(dtype, version=2):
     src = bias_grad_v2_source if version == 2 else bias_grad_v1_source
     return cuda.jit(_bias_grad_sig(dtype))(src(np.dtype(dtype).type))

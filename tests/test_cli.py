@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DEVICE_BACKEND
 
 pytestmark = pytest.mark.kernels
@@ -23,7 +22,7 @@ def _run(*args, backend):
 
 def test_info_names_backend():
     text = _run("info", backend="cpu")
-    assert re.search(r"^backend\s+cpu$", text, re.M)
+    assert re.search(r"^backend\s+cpu$", text, re.MULTILINE)
 
 
 def _numbers(text):
@@ -38,5 +37,5 @@ def test_demo_device_backend_matches_cpu():
     a, b = _numbers(cpu.split("\n", 1)[1]), _numbers(dev.split("\n", 1)[1])
     assert len(a) == len(b)
     assert all(abs(u - v) <= 1e-5 * max(1.0, abs(u)) for u, v in zip(a, b))
-    mask = lambda t: t.split("mask (1 = kept) =")[1].split("training: output")[0]  # noqa: E731
+    mask = lambda t: t.split("mask (1 = kept) =")[1].split("training: output")[0]
     assert mask(cpu) == mask(dev)

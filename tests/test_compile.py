@@ -7,7 +7,6 @@ nvdisasm; compiles in parallel processes (one per core, at most 4)."""
 import json
 
 import pytest
-
 from helpers import run_clean_python
 
 pytestmark = pytest.mark.compile

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import requires_gpu
 
 import gpufc
 from gpufc import reference as ref
-
-from conftest import requires_gpu
 
 pytestmark = [pytest.mark.gpu, requires_gpu]
 

@@ -177,10 +177,9 @@ def _both_paths(kern, grid, block, make_args, out_index):
 @requires_gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gpu_fast_path_matches_numba_launch(dtype, device_backend, rng):
-    from numba import cuda
-
     from gpufc.kernels.dropout import THREADS, make_dropout_kernel, make_dropout_mask_kernel
     from gpufc.kernels.matmul import make_bias_grad_kernel, make_matmul_kernel, resolve_config
+    from numba import cuda
 
     n = 4099
     x = rng.standard_normal(n).astype(dtype)
