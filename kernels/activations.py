@@ -20,7 +20,7 @@ from numba import cuda
 NAMES = (None, "relu", "gelu", "gelu_tanh", "tanh", "sigmoid")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_activation(name, dtype):
     """``(act, dact)`` device functions for activation ``name`` in ``dtype`` (np.float32/np.float64)."""
     if name not in NAMES:
@@ -46,7 +46,7 @@ def make_activation(name, dtype):
 
         @cuda.jit(device=True, inline=True)
         def act(z):
-            return z if z > zero else zero
+            return zero if z <= zero else z  # NaN propagates, as in torch and the reference
 
         @cuda.jit(device=True, inline=True)
         def dact(z):

@@ -10,12 +10,11 @@ import functools
 
 import numpy as np
 import pytest
+from helpers import assert_close, tolerance
 
 import gpufc
 from gpufc import backend
 from gpufc import reference as ref
-
-from helpers import assert_close, tolerance
 
 pytestmark = pytest.mark.kernels
 
@@ -127,3 +126,10 @@ def test_dropout_v1_nd_and_eval(device_backend, rng):
     assert np.array_equal(gpufc.dropout(x, 0.5, training=False), x)
     g = rng.standard_normal((3, 4, 5)).astype(np.float32)
     assert np.array_equal(gpufc.dropout_backward(g, 0.5, seed=4, offset=2), ref.dropout(g, 0.5, seed=4, offset=2))
+
+
+def test_relu_propagates_nan_like_the_reference(device_backend):
+    x = np.array([[np.nan, 1.0], [-1.0, 2.0]], np.float32)
+    w = np.eye(2, dtype=np.float32)
+    y = gpufc.linear(x, w, activation="relu")
+    np.testing.assert_array_equal(y, ref.linear(x, w, activation="relu"))  # NaN where the reference has NaN
