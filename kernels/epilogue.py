@@ -7,7 +7,7 @@ For one output element ``(row, col)`` of ``y (M, N)`` with accumulator ``acc``::
     y[row, col] = keep(n) ? a * scale : 0     # if dropout; n = offset + row * N + col
     zout[row, col] = z                        # if the caller keeps the pre-activation
 
-``keep`` is the dropout mask contract of ARCHITECTURE.md (kernels.philox.keep_word),
+``keep`` is the dropout mask contract of ARCHITECTURE.md (kernels.philox.element_word),
 so the fused mask equals the standalone dropout kernel's bit for bit. A dropped
 element is a selected 0, never ``a * 0``, so NaN and inf are dropped too.
 
@@ -18,7 +18,8 @@ Index arguments are any integer type; they are widened to uint64 for the element
 The register-tiled kernels store runs of four consecutive columns of one row:
 ``make_group_store(ep, dtype)`` gives
 ``store_group(y, zout, b, row, col, v0, v1, v2, v3, n_cols, k0, k1, offset, threshold, scale)``,
-the same math for columns ``col .. col + 3`` (each guarded by ``< n_cols``).
+the same math (one ``make_element_store`` per element) for columns ``col .. col + 3``
+(each guarded by ``< n_cols``).
 Its dropout words come from :func:`words4`: one Philox block serves the four
 elements when ``offset + row * N + col`` is a multiple of 4, two blocks otherwise,
 so the mask is the contract's for any offset and any N.
@@ -31,7 +32,7 @@ import numpy as np
 from numba import cuda, uint32, uint64
 
 from .activations import NAMES, make_activation
-from .philox import THREE, TWO, keep_word, philox_block
+from .philox import THREE, TWO, element_word, philox_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,24 +60,40 @@ PLAIN = Epilogue()
 
 
 @functools.cache
-def make_epilogue(ep: Epilogue, dtype):
-    """Device function storing one output element as ``ep`` says, in ``dtype``."""
+def make_element_store(ep: Epilogue, dtype):
+    """Device function ``store_one(y, zout, b, row, col, v, word, threshold, scale)``: the
+    epilogue of one element whose accumulator is ``v`` and whose Philox word is ``word``."""
     act, _ = make_activation(ep.activation, dtype)
     zero = np.dtype(dtype).type(0)
     has_bias, has_dropout, save_preact = ep.bias, ep.dropout, ep.save_preact
 
     @cuda.jit(device=True, inline=True)
-    def store(y, zout, b, row, col, acc, n_cols, k0, k1, offset, threshold, scale):
-        z = acc
+    def store_one(y, zout, b, row, col, v, word, threshold, scale):
+        z = v
         if has_bias:
             z = z + b[col]
         if save_preact:
             zout[row, col] = z
         a = act(z)
         if has_dropout:
-            n = offset + uint64(row) * uint64(n_cols) + uint64(col)
-            a = a * scale if keep_word(n, k0, k1, threshold) else zero
+            a = a * scale if uint64(word) >= threshold else zero
         y[row, col] = a
+
+    return store_one
+
+
+@functools.cache
+def make_epilogue(ep: Epilogue, dtype):
+    """Device function storing one output element as ``ep`` says, in ``dtype``."""
+    store_one = make_element_store(ep, dtype)
+    has_dropout = ep.dropout
+
+    @cuda.jit(device=True, inline=True)
+    def store(y, zout, b, row, col, acc, n_cols, k0, k1, offset, threshold, scale):
+        word = uint32(0)
+        if has_dropout:
+            word = element_word(offset + uint64(row) * uint64(n_cols) + uint64(col), k0, k1)
+        store_one(y, zout, b, row, col, acc, word, threshold, scale)
 
     return store
 
@@ -113,22 +130,9 @@ def make_group_store(ep: Epilogue, dtype):
     ``v_j`` is the accumulator of ``(row, col + j)``; ``row < M`` is the caller's
     guard, each column is guarded here; ``row``, ``col`` and ``n_cols`` are uint64.
     """
-    act, _ = make_activation(ep.activation, dtype)
-    zero = np.dtype(dtype).type(0)
-    has_bias, has_dropout, save_preact = ep.bias, ep.dropout, ep.save_preact
+    one = make_element_store(ep, dtype)
+    has_dropout = ep.dropout
     c1, c2, c3 = np.uint64(1), np.uint64(2), np.uint64(3)
-
-    @cuda.jit(device=True, inline=True)
-    def one(y, zout, b, row, col, v, word, threshold, scale):
-        z = v
-        if has_bias:
-            z = z + b[col]
-        if save_preact:
-            zout[row, col] = z
-        a = act(z)
-        if has_dropout:
-            a = a * scale if uint64(word) >= threshold else zero
-        y[row, col] = a
 
     @cuda.jit(device=True, inline=True)
     def store_group(y, zout, b, row, col, v0, v1, v2, v3, n_cols, k0, k1, offset, threshold, scale):

@@ -79,12 +79,17 @@ def select_word(r0, r1, r2, r3, lane):
 
 
 @cuda.jit(device=True, inline=True)
-def keep_word(n, k0, k1, threshold):
-    """True when element ``n`` (uint64: offset + flat index) is kept; ``threshold`` is uint64."""
+def element_word(n, k0, k1):
+    """The contract's Philox word of element ``n`` (uint64: offset + flat index)."""
     lo, hi = block_counter(n >> TWO)
     r0, r1, r2, r3 = philox4x32_10(lo, hi, uint32(0), uint32(0), k0, k1)
-    word = select_word(r0, r1, r2, r3, n & THREE)
-    return uint64(word) >= threshold
+    return select_word(r0, r1, r2, r3, n & THREE)
+
+
+@cuda.jit(device=True, inline=True)
+def keep_word(n, k0, k1, threshold):
+    """True when element ``n`` (uint64: offset + flat index) is kept; ``threshold`` is uint64."""
+    return uint64(element_word(n, k0, k1)) >= threshold
 
 
 @cuda.jit(device=True, inline=True)
