@@ -4,7 +4,8 @@
 a typeof of every argument, an overload lookup, then ``_Kernel._prepare_args``
 per argument. (Measured on an H200, bench/results/2026-11-28_NVIDIA-H200: one
 whole ``gpufc.linear`` call on a (64, 512) CuPy batch took ~195 us of host
-time, against ~37 us for CuPy's ``x @ w + b``; this module took it to ~164 us.) gpufc's kernels have exactly one
+time, against ~37 us for CuPy's ``x @ w + b``; with this module, ~164 us in the
+follow-up run, bench/results/2026-11-28_NVIDIA-H200_followup.) gpufc's kernels have exactly one
 compiled signature, so :class:`FastKernel` resolves that overload once and
 flattens the arguments itself into the same list ``_Kernel.launch`` builds:
 
