@@ -7,7 +7,7 @@
 from . import reference
 from .backend import backend_info, get_backend, set_backend
 from .functional import dropout, dropout_backward, linear, linear_backward, linear_forward
-from .layers import DropoutLayer, FullyConnectedLayer, Module, Sequential
+from .layers import CheckpointError, DropoutLayer, FullyConnectedLayer, Module, Sequential
 from .losses import SoftmaxCrossEntropy, softmax_cross_entropy
 from .masks import dropout_mask, dropout_with_mask, pack_mask, unpack_mask
 from .optim import SGD, Adam
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD",
     "Adam",
+    "CheckpointError",
     "DropoutLayer",
     "FullyConnectedLayer",
     "Module",

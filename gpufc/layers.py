@@ -22,9 +22,13 @@ Gradients are not accumulated: each ``backward`` sets ``grad_weights`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -35,6 +39,14 @@ from . import transfer as _tx
 
 DEVICES = ("cpu", "cuda")
 _FORMAT = "gpufc-npz-1"  # the "__gpufc__" entry of a saved .npz names its format and the modules
+
+
+class CheckpointError(ValueError):
+    """A file :meth:`Module.load` cannot read as a gpufc checkpoint; the message names the file."""
+
+    def __init__(self, path, what: str):
+        super().__init__(f"cannot load {path!s}: {what}")
+        self.path = path
 
 
 def _new_seed(seed):
@@ -203,21 +215,60 @@ class Module:
         return self
 
     def save(self, path):
-        """Write the parameters and the configuration to ``path`` (``.npz``); :meth:`load` rebuilds it."""
+        """Write the parameters and the configuration to ``path`` (``.npz``); :meth:`load` rebuilds it.
+
+        As with ``np.savez``, ``.npz`` is appended to a path without it. The file
+        is written whole to a temporary file in the same directory and renamed
+        over ``path`` only when complete, so a save that is interrupted (a killed
+        job, a full disk) leaves the previous checkpoint as it was.
+        """
         meta = json.dumps({"format": _FORMAT, "module": _describe(self)})
-        np.savez(os.fspath(path), __gpufc__=np.array(meta), **self.state_dict())
+        target = os.fspath(path)
+        if not target.endswith(".npz"):
+            target += ".npz"
+        state = self.state_dict()  # device parameters are copied to the host before anything is written
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(target)))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, __gpufc__=np.array(meta), **state)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def load(cls, path, device: str = "cpu"):
-        """Rebuild a module saved by :meth:`save` (same class, configuration and parameters)."""
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            if "__gpufc__" not in data:
-                raise ValueError(f"{path} was not written by gpufc's save (no '__gpufc__' entry)")
-            meta = json.loads(str(data["__gpufc__"]))
-            module = _build(meta["module"])
-            if cls is not Module and not isinstance(module, cls):
-                raise TypeError(f"{path} holds a {type(module).__name__}, not a {cls.__name__}")
-            module.load_state_dict(data)
+        """Rebuild a module saved by :meth:`save` (same class, configuration and parameters).
+
+        A file that is truncated, corrupt or not a gpufc checkpoint raises
+        :class:`CheckpointError` (a ``ValueError``) naming the file and what is wrong.
+        """
+        path = os.fspath(path)
+        try:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise CheckpointError(path, "it holds a single array, not a gpufc .npz checkpoint")
+            with data:
+                if "__gpufc__" not in data.files:
+                    raise CheckpointError(path, "it was not written by gpufc's save (no '__gpufc__' entry)")
+                meta = json.loads(str(data["__gpufc__"]))
+                if not isinstance(meta, dict) or meta.get("format") != _FORMAT or "module" not in meta:
+                    raise CheckpointError(path, f"unknown checkpoint format {meta!r}, expected {_FORMAT!r}")
+                module = _build(meta["module"])
+                if cls is not Module and not isinstance(module, cls):
+                    raise TypeError(f"{path} holds a {type(module).__name__}, not a {cls.__name__}")
+                module.load_state_dict({k: data[k] for k in data.files})
+        except (CheckpointError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+            # np.load reports a truncated or foreign file as BadZipFile, EOFError, OSError or a pickle
+            # ValueError, and a damaged member as BadZipFile (bad CRC) or zlib.error: one error names the file.
+            raise CheckpointError(path, f"the file is truncated, corrupt or not a gpufc checkpoint "
+                                        f"({type(err).__name__}: {err})") from err
         return module.to(device) if device != "cpu" else module
 
     # -- repr -----------------------------------------------------------------
