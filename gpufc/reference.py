@@ -29,9 +29,12 @@ __all__ = [
     "PHILOX_M1",
     "PHILOX_W0",
     "PHILOX_W1",
+    "PRECISIONS",
     "activation",
     "activation_grad",
+    "bfloat16_dtype",
     "check_p",
+    "check_precision",
     "check_seed",
     "dropout",
     "dropout_backward",
@@ -41,10 +44,15 @@ __all__ = [
     "dropout_threshold",
     "linear",
     "linear_backward",
+    "matmul_lowp",
     "pack_mask",
     "packed_size",
     "philox4x32_10",
     "philox_key",
+    "round_bf16",
+    "round_tf32",
+    "round_to",
+    "tensor_core_kind",
     "unpack_mask",
 ]
 
@@ -264,14 +272,24 @@ def activation_grad(z, name):
 # ----------------------------------------------------------------------------
 
 
-def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True, seed=0, offset=0):
+def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True, seed=0, offset=0,
+           precision="ieee"):
     """``dropout(act(x @ weights + biases))`` in the dtype of ``x``.
 
     Shapes: ``x (..., K)``, ``weights (K, N)``, ``biases (N,)`` -> ``(..., N)``.
     The dropout mask is indexed over the ``(rows, N)`` output, rows = prod(x.shape[:-1]).
+    float16, bfloat16 and float32 with ``precision="tf32"`` follow the tensor-core
+    model of :func:`linear_preact` (epilogue in float32, output rounded once to the dtype).
     """
     x = np.asarray(x)
     w = np.asarray(weights)
+    kind = tensor_core_kind(x.dtype, precision)
+    if kind is not None:
+        z = linear_preact(x, w, biases, precision=precision)
+        y = globals()["activation"](z, activation)
+        if dropout_p and training:
+            y = dropout(y, dropout_p, seed=seed, offset=offset)
+        return round_to(y, x.dtype)
     z = x @ w
     if biases is not None:
         z = z + np.asarray(biases)
@@ -283,7 +301,7 @@ def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=
 
 def linear_backward(
     x, weights, grad_output, preact=None, *, biases=None, activation=None, dropout_p=0.0,
-    training=True, seed=0, offset=0,
+    training=True, seed=0, offset=0, precision="ieee",
 ):
     """Backward of :func:`linear`.
 
@@ -297,10 +315,14 @@ def linear_backward(
         ``(grad_x (..., K), grad_weights (K, N), grad_biases (N,))`` where
         ``g = dropout_backward(grad_output) * act'(preact)``,
         ``grad_x = g @ weights.T``, ``grad_weights = x.T @ g``, ``grad_biases = g.sum(0)``.
+        float16, bfloat16 and TF32 follow :func:`linear_backward_lowp`.
     """
     x = np.asarray(x)
     w = np.asarray(weights)
     go = np.asarray(grad_output)
+    if tensor_core_kind(x.dtype, precision) is not None:
+        return linear_backward_lowp(x, w, go, preact, biases=biases, activation=activation, dropout_p=dropout_p,
+                                    training=training, seed=seed, offset=offset, precision=precision)
     k, n = w.shape
     x2 = x.reshape(-1, k)
     g = go.reshape(-1, n)
@@ -356,3 +378,154 @@ def unpack_mask(packed, shape) -> np.ndarray:
 def dropout_keep_mask_packed(shape, p, seed=0, offset=0) -> np.ndarray:
     """The contract's keep mask of ``shape``, packed: uint8 ``(ceil(size / 8),)``."""
     return pack_mask(dropout_keep_mask(shape, p, seed, offset))
+
+
+# ----------------------------------------------------------------------------
+# Reduced precision: the tensor-core matmuls (TF32, float16, bfloat16)
+# ----------------------------------------------------------------------------
+#
+# The model every tensor-core kernel is tested against (docs/precision.md):
+# operands rounded to the input format (TF32: round to nearest, ties away from
+# zero, on the 13 dropped mantissa bits, as PTX cvt.rna.tf32.f32 does; float16
+# and bfloat16 values are already exact), products exact, the K-sum computed in
+# float64 and rounded once to float32 (the hardware accumulates in float32, in
+# an order of its own: the tests allow a K-scaled float32 tolerance for that),
+# bias, activation and dropout (scale rounded to float32) in float32, and the
+# output rounded once, to nearest even, to the data's dtype.
+
+PRECISIONS = ("ieee", "tf32")
+
+_EXP_MASK = np.uint32(0x7F800000)
+
+
+def check_precision(precision) -> str:
+    """Validate a matmul precision: ``"ieee"`` (float32/float64 as is) or ``"tf32"``."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got precision={precision!r}")
+    return precision
+
+
+def bfloat16_dtype():
+    """The NumPy bfloat16 dtype of the ``ml_dtypes`` package, or None when it is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def is_bfloat16(dtype) -> bool:
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def tensor_core_kind(dtype, precision="ieee"):
+    """The tensor-core input format for data of ``dtype`` under ``precision``: ``"f16"``,
+    ``"bf16"``, ``"tf32"`` (float32 with ``precision="tf32"``) or None (IEEE float32/float64).
+    float64 ignores the precision (it is still validated)."""
+    check_precision(precision)
+    dt = np.dtype(dtype)
+    if dt == np.float16:
+        return "f16"
+    if is_bfloat16(dt):
+        return "bf16"
+    if dt == np.float32 and precision == "tf32":
+        return "tf32"
+    return None
+
+
+def round_tf32(x) -> np.ndarray:
+    """float32 -> float32 values on the TF32 grid (10 stored mantissa bits), as ``cvt.rna.tf32.f32``:
+    add half a TF32 ulp to the magnitude, clear the 13 dropped bits (ties away from zero;
+    overflow rounds to inf). NaN and inf pass unchanged."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    bits = a.view(np.uint32)
+    rounded = (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    return np.where((bits & _EXP_MASK) == _EXP_MASK, bits, rounded).astype(np.uint32).view(np.float32)
+
+
+def round_bf16(x) -> np.ndarray:
+    """float32 -> float32 values on the bfloat16 grid (7 stored mantissa bits): round to
+    nearest, ties to even, on the 16 dropped bits (PTX cvt.rn.bf16.f32); NaN and inf pass."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    bits = a.view(np.uint32)
+    with np.errstate(over="ignore"):
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.where((bits & _EXP_MASK) == _EXP_MASK, bits, rounded).astype(np.uint32).view(np.float32)
+
+
+def round_to(x, dtype) -> np.ndarray:
+    """``x`` rounded once from float32 to ``dtype`` (float16, bfloat16, float32 or float64):
+    the kernels' final store. Values are first made float32 (the accumulator's format)."""
+    dt = np.dtype(dtype)
+    if dt == np.float64:
+        return np.asarray(x, dtype=np.float64)
+    x32 = np.asarray(x, dtype=np.float32)
+    if dt == np.float32:
+        return x32
+    if dt == np.float16:
+        with np.errstate(over="ignore"):
+            return x32.astype(np.float16)
+    if is_bfloat16(dt):
+        return round_bf16(x32).astype(dt)  # exact: the values are on the bfloat16 grid
+    raise TypeError(f"round_to: dtype must be float16, bfloat16, float32 or float64, got {dt}")
+
+
+def matmul_lowp(a, b, kind: str) -> np.ndarray:
+    """``a (M, K) @ b (K, N)`` as one tensor-core matmul: float32 result.
+
+    ``kind`` ``"tf32"`` rounds both operands with :func:`round_tf32`; ``"f16"`` and
+    ``"bf16"`` operands are exact in float32. Products are exact and summed in float64,
+    then rounded once to float32.
+    """
+    if kind not in ("tf32", "f16", "bf16"):
+        raise ValueError(f"kind must be 'tf32', 'f16' or 'bf16', got kind={kind!r}")
+    a32 = np.asarray(a).astype(np.float32)
+    b32 = np.asarray(b).astype(np.float32)
+    if kind == "tf32":
+        a32, b32 = round_tf32(a32), round_tf32(b32)
+    return (a32.astype(np.float64) @ b32.astype(np.float64)).astype(np.float32)
+
+
+def linear_preact(x, weights, biases=None, *, precision="ieee") -> np.ndarray:
+    """The tensor-core model's pre-activation ``x @ weights + biases`` in float32 (not rounded to
+    the dtype). Shapes as in :func:`linear`; ``x``'s dtype and ``precision`` choose the format."""
+    x = np.asarray(x)
+    w = np.asarray(weights)
+    kind = tensor_core_kind(x.dtype, precision)
+    if kind is None:
+        raise ValueError(f"linear_preact models the tensor cores: x.dtype={x.dtype} with precision={precision!r} "
+                         "is not one of float16, bfloat16 or float32 with precision='tf32'")
+    k, n = w.shape
+    z = matmul_lowp(x.reshape(-1, k), w, kind).reshape(x.shape[:-1] + (n,))
+    if biases is not None:
+        z = z + np.asarray(biases).astype(np.float32)
+    return z
+
+
+def linear_backward_lowp(x, weights, grad_output, preact=None, *, biases=None, activation=None, dropout_p=0.0,
+                         training=True, seed=0, offset=0, precision="ieee"):
+    """Backward of :func:`linear` for the tensor-core formats (shapes as in :func:`linear_backward`).
+
+    ``g = dropout'(grad_output) * act'(preact)`` in float32, stored in the data's
+    dtype (``gs``); ``grad_x = gs @ weights.T`` and ``grad_weights = x.T @ gs`` are
+    :func:`matmul_lowp` products rounded once to the dtype; ``grad_biases`` is the
+    float64 column sum of ``gs`` rounded to float32, then to the dtype.
+    """
+    x = np.asarray(x)
+    w = np.asarray(weights)
+    go = np.asarray(grad_output)
+    dtype = x.dtype
+    kind = tensor_core_kind(dtype, precision)
+    k, n = w.shape
+    x2 = x.reshape(-1, k)
+    g = go.reshape(-1, n).astype(np.float32)
+    if dropout_p and training:
+        g = dropout_backward(g, dropout_p, seed=seed, offset=offset)
+    if activation is not None:
+        z = linear_preact(x2, w, biases, precision=precision) if preact is None else np.asarray(preact)
+        g = g * activation_grad(z.reshape(-1, n).astype(np.float32), activation)
+    gs = round_to(g, dtype)
+    grad_x = round_to(matmul_lowp(gs, w.T, kind), dtype).reshape(x.shape)
+    grad_w = round_to(matmul_lowp(x2.T, gs, kind), dtype)
+    grad_b = round_to(gs.astype(np.float64).sum(axis=0).astype(np.float32), dtype)
+    return grad_x, grad_w, grad_b
