@@ -73,6 +73,10 @@ def _device_backend() -> str | None:
 
 
 def _activate(name: str) -> None:
+    if name != "cpu":
+        from .envcheck import warn_once_if_untested
+
+        warn_once_if_untested()  # numba-cuda or NumPy outside the tested range: say so before it matters
     if name == "sim":
         imported = _device_backend()
         if imported == "cuda":

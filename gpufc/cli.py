@@ -20,9 +20,18 @@ DEMO_SEED = 2024
 
 def cmd_info(args) -> int:
     from .backend import backend_info
+    from .envcheck import report
 
     for key, value in backend_info().items():
         print(f"{key:20s} {value}")
+    env = report()
+    print(f"{'driver_cuda':20s} {env['driver_cuda'] or 'none (no CUDA driver)'}")
+    print(f"{'toolkit_cuda':20s} {env['toolkit_cuda'] or 'none from pip (numba-cuda looks for a system CUDA)'}")
+    print(f"{'install_extra':20s} {env['matches']}")
+    for line in env["missing"]:
+        print(f"{'missing':20s} {line}")
+    for line in env["versions"]:
+        print(f"{'untested':20s} {line}")
     return 0
 
 
