@@ -1,0 +1,687 @@
+"""Mutation testing of gpufc's contract-critical code: do the tests fail when the code is wrong?
+
+Usage (from the repository root, with the project's interpreter)::
+
+    python tests/mutation.py                           # every mutant of every target (long: see docs/testing.md)
+    python tests/mutation.py --files reference philox  # targets by name (or by path)
+    python tests/mutation.py --sample 8 --seed 1       # a deterministic sample (CI: tests/test_mutation.py)
+    python tests/mutation.py --list                    # print the mutants, run nothing
+
+Each mutant is one small edit (a curated operator, see ``OPERATORS``) of one target
+file. Nothing in the working tree is ever written: every worker copies the tree
+into a temporary directory, writes the mutant into its copy, and runs the
+target's test selection there with ``-x``, ``gpufc`` and ``gpufc.kernels``
+imported from the copy (checked at start-up, and by a planted mutant that must be
+killed, else the run aborts). Numba's and gpufc's on-disk caches point at
+per-worker temporary directories and no bytecode is written, so no compiled
+kernel or ``.pyc`` of one mutant can serve another.
+
+Outcomes: ``killed`` (the selection failed), ``timeout`` (it ran past its limit:
+a mutant that hangs is caught too), ``survived`` (all tests passed: a missing
+test), ``equivalent`` (survived, and listed in ``EQUIVALENT`` with the reason
+why it cannot be observed), ``error`` (the selection collected no test: a bug in
+this table). The exit status is 1 when a non-equivalent mutant survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import dataclasses
+import difflib
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+GUARD_ENV = "GPUFC_MUTATION_RUN"  # set inside every mutant's test run: tests/test_mutation.py skips itself
+
+# ----------------------------------------------------------------------------
+# What is mutated, and which tests must catch it
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One file's contract-critical regions and the tests that must kill their mutants.
+
+    ``regions``: qualified function names (``Class.method``; a function includes the
+    functions nested in it, e.g. a kernel factory's kernel) or ``=NAME`` for a
+    module-level constant ``NAME = ...``. ``lines``: optional regex; only lines
+    matching it are mutated. ``tests``: pytest arguments, fastest killers first
+    (the run stops at the first failure).
+    """
+
+    name: str
+    path: str
+    regions: tuple
+    tests: tuple
+    lines: str | None = None
+    python_drops: bool = True  # False for a code generator: its own statements only build the text
+
+
+_DROPOUT_TESTS = (
+    "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_standalone_kernels",
+    "tests/test_kernels_dropout.py::test_v2_forward_is_bit_exact",
+    "tests/test_kernels_dropout.py::test_dropout_mask_kernel_is_bit_exact",
+    "tests/test_kernels_dropout.py::test_fused_backward_matches_reference",
+    "tests/test_kernels_v1.py::test_dropout_v1_is_bit_exact",
+    "tests/test_kernels_dropout.py",
+    "tests/test_boundaries.py",
+)
+
+TARGETS = (
+    Target(
+        "reference", "gpufc/reference.py",
+        ("=PHILOX_M0", "=PHILOX_M1", "=PHILOX_W0", "=PHILOX_W1", "=PHILOX_ROUNDS", "=_MASK32",
+         "philox4x32_10", "philox_key", "dropout_threshold", "dropout_scale", "dropout_keep_mask", "dropout",
+         "packed_size", "pack_mask", "unpack_mask", "linear", "linear_backward"),
+        ("tests/test_boundaries.py", "tests/test_reference.py", "tests/test_rng.py", "-m", "not kernels"),
+        lines=r"^(?!.*(check_|isinstance|raise |dtype !=|\.shape\b.* !=))",  # the math, not the argument checks
+    ),
+    Target(
+        "philox", "kernels/philox.py",
+        ("=M0", "=M1", "=W0", "=W1", "=MASK32", "=SHIFT32", "=TWO", "=THREE",
+         "_round", "_bump", "philox4x32_10", "block_counter", "select_word", "element_word", "keep_word",
+         "philox_block"),
+        ("tests/test_rng.py", "-m", "kernels", "tests/test_boundaries.py"),
+    ),
+    Target(
+        "epilogue", "kernels/epilogue.py",
+        ("make_element_store", "make_epilogue", "words4", "make_group_store", "=_ONE"),
+        ("tests/test_boundaries.py::test_threshold_word_is_kept_by_the_fused_epilogue",
+         "tests/test_kernels_matmul.py::test_fused_dropout_mask_is_bit_exact",
+         "tests/test_kernels_v1.py::test_fused_dropout_mask_is_bit_exact",
+         "tests/test_kernels_matmul.py::test_forward_full_epilogue",
+         "tests/test_kernels_matmul.py::test_every_activation_with_dropout",
+         "tests/test_kernels_v1.py::test_linear_v1_save_preact",
+         "tests/test_boundaries.py"),
+    ),
+    Target(
+        "dropout", "kernels/dropout.py",
+        ("=GROUP", "=MASK_BITS", "dropout_v1_source", "act_dropout_backward_source", "_group_io",
+         "act_dropout_backward_v2_source", "dropout_mask_source", "vector_ok",
+         "launch_dropout", "launch_act_dropout_backward", "launch_dropout_mask"),
+        _DROPOUT_TESTS,
+    ),
+    Target(
+        "matmul_v1", "kernels/matmul.py",
+        ("ceil_div", "V1Config.grid", "_v1_source", "launch_matmul", "bias_grad_v1_source", "bias_grad_v2_source",
+         "launch_bias_grad"),
+        ("tests/test_kernels_v1.py::test_linear_v1_matches_reference",
+         "tests/test_kernels_matmul.py::test_bias_grad_v2",
+         "tests/test_kernels_v1.py", "tests/test_kernels_matmul.py::test_v1_still_selectable",
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero"),
+    ),
+    Target(
+        "matmul_v2", "kernels/matmul_tiled.py",
+        ("ceil_div", "TileConfig.gm", "TileConfig.gn", "TileConfig.grid", "_thread_offsets", "_loader",
+         "_emit_operand_setup", "_emit_loop_loads", "_emit_stores", "tiled_source"),
+        ("tests/test_kernels_matmul.py::test_awkward_shapes_every_layout",
+         "tests/test_kernels_matmul.py::test_forward_plain",
+         "tests/test_kernels_matmul.py::test_grad_x_layout_nt",
+         "tests/test_kernels_matmul.py::test_grad_w_layout_tn",
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero",
+         "tests/test_kernels_matmul.py::test_forward_full_epilogue",
+         "tests/test_kernels_matmul.py::test_fused_mask_every_config"),
+        lines=r"^(?!.*(shared\.array|s\.depth))",  # not the indentation of the text, nor the buffers' sizes
+        python_drops=False,
+    ),
+    Target(
+        "layers", "gpufc/layers.py",
+        ("_advance", "DropoutLayer.forward", "FullyConnectedLayer.forward"),
+        ("tests/test_layers.py", "-k", "offset or dropout"),
+        lines=r"offset|active",
+    ),
+)
+
+# The planted mutants checked before anything else: each must be killed, else the copies do not
+# import what they should (gpufc from the copy, gpufc.kernels from the copy) and the run aborts.
+SANITY = (("reference", "PHILOX_M0 = 0xD2511F53", "PHILOX_M0 = 0xD2511F52"),
+          ("philox", "M0 = np.uint64(0xD2511F53)", "M0 = np.uint64(0xD2511F52)"))
+
+# Survivors that cannot be observed: (target, function, original line, mutated line) -> reason.
+# Lines are stripped source lines; the report prints these keys for any new survivor.
+EQUIVALENT = {
+    ("reference", "philox4x32_10", "if r + 1 < PHILOX_ROUNDS:", "if (r + 1) <= PHILOX_ROUNDS:"):
+        "one more key bump after the last round: the key is not read after it",
+}
+
+# ----------------------------------------------------------------------------
+# Operators
+# ----------------------------------------------------------------------------
+
+OPERATORS = {
+    "cmp": "comparison flip: >= <-> >, < <-> <=, == <-> !=",
+    "int": "integer constant +1 / -1 (Philox multipliers and key bumps, round counts, shifts, masks, "
+           "bounds, index offsets)",
+    "binop": "arithmetic / bitwise swap: + <-> -, << <-> >>, & -> |, | -> &, ^ -> |, // <-> %",
+    "range": "loop bound off by one: range(..., b) -> b + 1 / b - 1",
+    "drop": "statement dropped: an augmented assignment, a re-assignment, a call statement, a break",
+    "text": "in a code generator's emitted source (string literals): the same comparison, arithmetic "
+            "and integer operators applied to the generated code",
+}
+
+_CMP = {ast.GtE: ast.Gt, ast.Gt: ast.GtE, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
+_CMP_TEXT = {ast.GtE: ">=", ast.Gt: ">", ast.Lt: "<", ast.LtE: "<=", ast.Eq: "==", ast.NotEq: "!="}
+_BIN = {ast.Add: [ast.Sub], ast.Sub: [ast.Add], ast.LShift: [ast.RShift], ast.RShift: [ast.LShift],
+        ast.BitAnd: [ast.BitOr], ast.BitOr: [ast.BitAnd], ast.BitXor: [ast.BitOr], ast.FloorDiv: [ast.Mod],
+        ast.Mod: [ast.FloorDiv]}
+_BIN_TEXT = {ast.Add: "+", ast.Sub: "-", ast.LShift: "<<", ast.RShift: ">>", ast.BitAnd: "&", ast.BitOr: "|",
+             ast.BitXor: "^", ast.FloorDiv: "//", ast.Mod: "%", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+_AUG_TEXT = {k: v + "=" for k, v in _BIN_TEXT.items()}
+# Generated code: operators between spaces (the generator's style), integer literals not part of a name.
+_TEXT_OPS = [(" >= ", " > "), (" > ", " >= "), (" <= ", " < "), (" < ", " <= "), (" + ", " - "), (" - ", " + "),
+             (" // ", " % "), (" % ", " // "), (" ^ ", " | ")]
+_TEXT_INT = re.compile(r"(?<![\w.])\d+(?![\w.])")
+_ATOMIC = (ast.Name, ast.Constant, ast.Attribute, ast.Call, ast.Subscript, ast.Tuple, ast.List)
+
+
+@dataclasses.dataclass
+class Mutant:
+    target: Target
+    func: str
+    op: str
+    line: int
+    text: str  # the mutated file
+    before: str  # stripped original line(s)
+    after: str  # stripped mutated line(s)
+    nth: int = 0  # tells apart identical edits of identical lines in one function
+    orig: str = ""  # the file the mutant was made from
+
+    @property
+    def key(self) -> tuple:
+        return (self.target.name, self.func, self.before, self.after) + ((self.nth,) if self.nth else ())
+
+    @property
+    def ident(self) -> str:
+        h = hashlib.sha1(repr(self.key).encode()).hexdigest()[:8]
+        return f"{self.target.name}:{self.line}:{self.op}:{h}"
+
+
+def _line_offsets(text: str) -> list[int]:
+    offs, pos = [0], 0
+    for line in text.splitlines(keepends=True):
+        pos += len(line.encode())
+        offs.append(pos)
+    return offs
+
+
+class _Source:
+    """A file's text with byte-exact span replacement (AST columns are UTF-8 byte offsets)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.data = text.encode()
+        self.offs = _line_offsets(text)
+        self.lines = text.splitlines()
+
+    def span(self, node) -> tuple[int, int]:
+        return (self.offs[node.lineno - 1] + node.col_offset, self.offs[node.end_lineno - 1] + node.end_col_offset)
+
+    def seg(self, node) -> str:
+        a, b = self.span(node)
+        return self.data[a:b].decode()
+
+    def replace(self, a: int, b: int, new: str) -> str:
+        return (self.data[:a] + new.encode() + self.data[b:]).decode()
+
+    def operand(self, node) -> str:
+        s = self.seg(node)
+        return s if isinstance(node, _ATOMIC) else f"({s})"
+
+
+def _regions(tree: ast.Module, target: Target):
+    """Yield (qualified name, node) for every region of ``target`` (functions, or module constants)."""
+    wanted = set(target.regions)
+    found = set()
+
+    def visit(body, prefix):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                q = prefix + node.name
+                if q in wanted and not isinstance(node, ast.ClassDef):
+                    found.add(q)
+                    yield q, node
+                elif isinstance(node, ast.ClassDef):
+                    yield from visit(node.body, q + ".")
+            elif not prefix and isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if isinstance(t, ast.Name) and "=" + t.id in wanted:
+                        found.add("=" + t.id)
+                        yield t.id, node
+
+    yield from visit(tree.body, "")
+    missing = wanted - found
+    if missing:
+        raise SystemExit(f"mutation: {target.path} has no {sorted(missing)} (update TARGETS in {__file__})")
+
+
+def _assigned_before(func: ast.AST) -> set[int]:
+    """ids of Assign nodes in ``func`` that re-assign a name already bound earlier (or a parameter)."""
+    bound = {a.arg for f in ast.walk(func) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+             for a in f.args.args + f.args.kwonlyargs}
+    out = set()
+    nodes = sorted((n for n in ast.walk(func) if isinstance(n, (ast.Assign, ast.For, ast.AugAssign))),
+                   key=lambda n: (n.lineno, n.col_offset))
+    for n in nodes:
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+        names = {t.id for tt in targets for t in ast.walk(tt) if isinstance(t, ast.Name)}
+        if isinstance(n, ast.Assign) and names and names <= bound:
+            out.add(id(n))
+        bound |= names
+    return out
+
+
+def _is_code_string_call(node) -> bool:
+    """``s("...")`` / ``src(f"...")``: a generator emitting one line of code (not a comment)."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("s", "src")
+            and len(node.args) == 1):
+        return False
+    arg = node.args[0]
+    first = arg.value if isinstance(arg, ast.Constant) else None
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        first = arg.values[0].value
+    if isinstance(arg, ast.BinOp):  # "..." + (...) concatenations
+        return False
+    return not (isinstance(first, str) and first.lstrip().startswith("#"))
+
+
+def _string_parts(call: ast.Call):
+    """The literal string pieces of a code-emitting call (Constant nodes, incl. f-string parts)."""
+    arg = call.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        yield arg
+    elif isinstance(arg, ast.JoinedStr):
+        for v in arg.values:
+            if isinstance(v, ast.Constant):
+                yield v
+
+
+def _mutations(src: _Source, func_node, regex, python_drops=True):
+    """Yield (op, byte start, byte end, replacement, line) for one region."""
+    reassign = _assigned_before(func_node)
+    line_ok = (lambda ln: re.search(regex, src.lines[ln - 1]) is not None) if regex else (lambda ln: True)
+    # messages and assertions are not the contract: nothing under a raise or an assert is mutated
+    quiet = {id(c) for n in ast.walk(func_node) if isinstance(n, (ast.Raise, ast.Assert)) for c in ast.walk(n)}
+    # nor default arguments (stream=0, version=2), nor the dimension argument of cuda.grid(1)
+    quiet |= {id(d) for n in ast.walk(func_node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for d in n.args.defaults + [d for d in n.args.kw_defaults if d is not None]}
+    quiet |= {id(a) for n in ast.walk(func_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and n.func.attr in ("grid", "gridsize") for a in n.args}
+    nodes = [n for n in ast.walk(func_node) if id(n) not in quiet]
+    code_calls = [n for n in nodes if _is_code_string_call(n)]
+    code_calls_ids = {id(c) for c in code_calls}
+    code_parts = {id(p) for c in code_calls for p in _string_parts(c)}
+    in_fstring = {id(v) for n in nodes if isinstance(n, ast.JoinedStr) for v in n.values}
+    for n in nodes:
+        if not hasattr(n, "lineno") or not line_ok(n.lineno):
+            continue
+        if isinstance(n, ast.Compare) and len(n.ops) == 1 and type(n.ops[0]) in _CMP:
+            new = _CMP_TEXT[_CMP[type(n.ops[0])]]
+            a, b = src.span(n)
+            yield "cmp", a, b, f"{src.operand(n.left)} {new} {src.operand(n.comparators[0])}", n.lineno
+        elif isinstance(n, ast.BinOp) and type(n.op) in _BIN and not _is_text(n.left) and not _is_text(n.right):
+            a, b = src.span(n)
+            for op in _BIN[type(n.op)]:
+                yield "binop", a, b, f"({src.operand(n.left)} {_BIN_TEXT[op]} {src.operand(n.right)})", n.lineno
+        elif (isinstance(n, ast.Constant) and type(n.value) is int and id(n) not in in_fstring):
+            a, b = src.span(n)
+            old = src.seg(n)
+            if not re.fullmatch(r"(0[xX][0-9a-fA-F_]+|\d[\d_]*)", old):
+                continue
+            fmt = (lambda v: hex(v).upper().replace("0X", "0x")) if old.lower().startswith("0x") else str
+            for v in (n.value + 1, n.value - 1):
+                if v >= 0:
+                    yield "int", a, b, fmt(v), n.lineno
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) in code_parts:
+            yield from _text_mutations(src, n)
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "range"
+              and n.args and id(n) not in code_calls_ids):
+            bound = n.args[1] if len(n.args) >= 2 else n.args[0]
+            if isinstance(bound, ast.Constant):
+                continue  # the int operator covers range(4)
+            a, b = src.span(bound)
+            for d in ("+ 1", "- 1"):
+                yield "range", a, b, f"{src.operand(bound)} {d}", n.lineno
+        if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and _is_emit(n.value):
+            if _emits_a_store(n.value):
+                a, b = src.span(n)
+                yield "drop", a, b, "pass", n.lineno
+            continue
+        if not python_drops:
+            continue
+        if (isinstance(n, ast.AugAssign) and type(n.op) in _BIN) or isinstance(n, ast.Break) or (
+                isinstance(n, ast.Assign) and id(n) in reassign) or (
+                isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and not _is_barrier(n.value)):
+            a, b = src.span(n)
+            yield "drop", a, b, "pass", n.lineno
+
+
+def _is_text(node) -> bool:
+    """A string expression (``"..." + ...`` builds generated code; ``-`` on it is no mutant)."""
+    return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)) or (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "join")
+
+
+def _is_emit(call) -> bool:
+    return isinstance(call.func, ast.Name) and call.func.id in ("s", "src")
+
+
+def _emits_a_store(call) -> bool:
+    """An emitted line whose loss leaves valid code: an augmented assignment, a store to an array,
+    a call (``store(...)``) or the buffer swap; not a barrier (see :func:`_is_barrier`)."""
+    if not _is_code_string_call(call) or _is_barrier(call):
+        return False
+    arg = call.args[0]
+    parts = [arg] if isinstance(arg, ast.Constant) else getattr(arg, "values", [])
+    t = "".join(p.value if isinstance(p, ast.Constant) else "X" for p in parts).strip()
+    lhs = t.split(" = ", 1)[0] if " = " in t else ""
+    return bool(re.match(r"[\w{}X]+ [-+*/|&^%]= ", t) or "[" in lhs or re.match(r"\w+\(", t) or t == "cur = nxt")
+
+
+def _is_barrier(call) -> bool:
+    """``cuda.syncthreads()`` and the emitting of one: a missing barrier is a race, invisible to the
+    simulator (docs/testing.md); compute-sanitizer's racecheck on a GPU is the tool for those."""
+    if isinstance(call.func, ast.Attribute) and call.func.attr == "syncthreads":
+        return True
+    if _is_emit(call) and call.args and isinstance(call.args[0], ast.Constant):
+        return "syncthreads" in str(call.args[0].value)
+    return False
+
+
+def _text_mutations(src: _Source, node):
+    """Operators applied inside one literal piece of generated code."""
+    a, b = src.span(node)
+    raw = src.data[a:b].decode()  # with its quotes (or, inside an f-string, the bare text)
+    for old, new in _TEXT_OPS:
+        for m in re.finditer(re.escape(old), raw):
+            # " > " must not be the tail of " >> " etc.: the operator stands alone between spaces
+            yield "text", a, b, raw[: m.start()] + new + raw[m.end():], node.lineno
+    for m in _TEXT_INT.finditer(raw):
+        v = int(m.group())
+        for w in (v + 1, v - 1):
+            if w >= 0:
+                yield "text", a, b, raw[: m.start()] + str(w) + raw[m.end():], node.lineno
+
+
+def generate(target: Target) -> list[Mutant]:
+    """Every mutant of ``target``, in a stable order; only those that still parse."""
+    path = ROOT / target.path
+    text = path.read_text()
+    src = _Source(text)
+    tree = ast.parse(text)
+    out, seen = [], set()
+    for qual, region in _regions(tree, target):
+        for op, a, b, new, line in _mutations(src, region, target.lines, target.python_drops):
+            mutated = src.replace(a, b, new)
+            if mutated == text or mutated in seen:
+                continue
+            try:
+                ast.parse(mutated)
+            except SyntaxError:
+                continue
+            seen.add(mutated)
+            before, after = _changed_lines(text, mutated)
+            nth = sum(1 for m in out if (m.func, m.before, m.after) == (qual, before, after))
+            out.append(Mutant(target, qual, op, line, mutated, before, after, nth, text))
+    out.sort(key=lambda m: (m.line, m.op, m.after))
+    return out
+
+
+def _changed_lines(old: str, new: str) -> tuple[str, str]:
+    a, b = old.splitlines(), new.splitlines()
+    sm = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    before, after = [], []
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag != "equal":
+            before += [s.strip() for s in a[i1:i2]]
+            after += [s.strip() for s in b[j1:j2]]
+    return " / ".join(before), " / ".join(after)
+
+
+def diff(m: Mutant) -> str:
+    old = m.orig.splitlines(keepends=True)
+    return "".join(difflib.unified_diff(old, m.text.splitlines(keepends=True), m.target.path, m.target.path, n=1))
+
+
+# ----------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------
+
+
+def _tree_files() -> list[str]:
+    """Tracked files and untracked files git does not ignore (the working tree as others see it)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                         capture_output=True).stdout.decode()
+    return [p for p in out.split("\0") if p and (ROOT / p).is_file()]
+
+
+def _package_links(copy: Path):
+    """pyproject's package-dir mapping (``gpufc.kernels = "kernels"``) as symlinks inside the copy, so the
+    copy's ``gpufc.kernels`` is found on the copy's path before the editable install's finder is asked."""
+    conf = tomllib.loads((copy / "pyproject.toml").read_text()).get("tool", {}).get("setuptools", {})
+    for pkg, where in conf.get("package-dir", {}).items():
+        if not pkg:
+            continue
+        link = copy.joinpath(*pkg.split("."))
+        if not link.exists() and (copy / where).is_dir():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((copy / where).resolve(), target_is_directory=True)
+
+
+class Worker:
+    """A private copy of the tree, its caches and its test environment."""
+
+    def __init__(self, base: Path, index: int, files: list[str]):
+        self.copy = base / f"tree{index}"
+        for rel in files:
+            dst = self.copy / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst)
+        _package_links(self.copy)
+        caches = base / f"cache{index}"
+        self.env = dict(os.environ)
+        for k in ("NUMBA_ENABLE_CUDASIM", "GPUFC_BACKEND"):  # tests/conftest.py decides, as in a plain run
+            self.env.pop(k, None)
+        self.env.update({
+            "PYTHONPATH": str(self.copy), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
+            "NUMBA_CACHE_DIR": str(caches / "numba"), "GPUFC_CACHE": "0", "GPUFC_CACHE_DIR": str(caches / "gpufc"),
+            GUARD_ENV: "1",
+        })
+
+    def check_imports(self):
+        code = "import gpufc, gpufc.kernels, gpufc.reference; print(gpufc.__file__); print(gpufc.kernels.__file__)"
+        out = subprocess.run([sys.executable, "-c", code], cwd=self.copy, env=self.env, capture_output=True,
+                             text=True, check=False)
+        paths = out.stdout.split()
+        if out.returncode or len(paths) != 2 or not all(Path(p).is_relative_to(self.copy) for p in paths):
+            raise SystemExit(f"mutation: the copy at {self.copy} does not import its own gpufc: "
+                             f"{out.stdout}{out.stderr}")
+
+    def run(self, target: Target, text: str | None, timeout: float) -> tuple[str, float, str]:
+        """Run ``target``'s tests with ``text`` as its file (None: unmutated). -> (outcome, seconds, tail)."""
+        path = self.copy / target.path
+        original = path.read_text()
+        if text is not None:
+            path.write_text(text)
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header",
+               "-o", "addopts=", "--strict-markers", *target.tests]
+        proc = subprocess.Popen(cmd, cwd=self.copy, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            outcome = {0: "survived", 5: "error", 4: "error"}.get(proc.returncode, "killed")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            outcome = "timeout"
+        finally:
+            if text is not None:
+                path.write_text(original)
+        return outcome, time.monotonic() - t0, "\n".join((out or "").splitlines()[-6:])
+
+
+class Pool:
+    def __init__(self, n: int):
+        self.base = Path(tempfile.mkdtemp(prefix="gpufc-mutation-"))
+        files = _tree_files()
+        self.workers = [Worker(self.base, i, files) for i in range(n)]
+        self.free = list(self.workers)
+        self.lock = threading.Condition()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def run(self, target, text, timeout):
+        with self.lock:
+            while not self.free:
+                self.lock.wait()
+            w = self.free.pop()
+        try:
+            return w.run(target, text, timeout)
+        finally:
+            with self.lock:
+                self.free.append(w)
+                self.lock.notify()
+
+
+def _pmap(pool: Pool, jobs, fn):
+    with concurrent.futures.ThreadPoolExecutor(len(pool.workers)) as ex:
+        yield from ex.map(fn, jobs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", nargs="*", help="targets by name or path (default: all): "
+                    + ", ".join(t.name for t in TARGETS))
+    ap.add_argument("--sample", type=int, help="run a deterministic sample of N mutants")
+    ap.add_argument("--seed", type=int, default=0, help="the sample's seed")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timeout", type=float, help="seconds per mutant (default: 2x the unmutated run + 60 s)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the unmutated run of each selection (then --timeout is needed)")
+    ap.add_argument("--list", action="store_true", help="print the mutants and stop")
+    ap.add_argument("--ops", nargs="*", choices=sorted(OPERATORS), help="only these operators")
+    args = ap.parse_args(argv)
+    if os.environ.get(GUARD_ENV):
+        print("mutation: already inside a mutation run; refusing to nest", file=sys.stderr)
+        return 2
+
+    targets = [t for t in TARGETS if not args.files or t.name in args.files or t.path in args.files]
+    if args.files and len(targets) != len(set(args.files)):
+        raise SystemExit(f"mutation: unknown target in {args.files}; targets: {[t.name for t in TARGETS]}")
+    mutants = [m for t in targets for m in generate(t) if not args.ops or m.op in args.ops]
+    if args.sample is not None and args.sample < len(mutants):
+        mutants = sorted(random.Random(args.seed).sample(mutants, args.sample),
+                         key=lambda m: (targets.index(m.target), m.line))
+    if args.list:
+        for m in mutants:
+            print(f"{m.ident}  {m.func}: {m.before}  ->  {m.after}")
+        print(f"{len(mutants)} mutants")
+        return 0
+    if args.no_baseline and not args.timeout:
+        raise SystemExit("mutation: --no-baseline needs --timeout")
+
+    start = time.monotonic()
+    by_name = {t.name: t for t in TARGETS}
+    with Pool(max(1, args.workers)) as pool:
+        for w in pool.workers:
+            w.check_imports()
+        print(f"mutation: {len(pool.workers)} workers, copies under {pool.base}; gpufc and gpufc.kernels "
+              "import from the copies", flush=True)
+        # planted mutants: each must be killed
+        sanity = []
+        for name, old, new in SANITY:
+            t = by_name[name]
+            text = (ROOT / t.path).read_text()
+            if old not in text:
+                raise SystemExit(f"mutation: planted mutant's line {old!r} not in {t.path}; update SANITY")
+            sanity.append((t, text.replace(old, new, 1)))
+        for (t, _), (outcome, secs, tail) in zip(sanity, _pmap(pool, sanity, lambda j: pool.run(j[0], j[1], 900))):
+            print(f"mutation: planted mutant in {t.path}: {outcome} ({secs:.0f} s)", flush=True)
+            if outcome not in ("killed", "timeout"):
+                print(tail)
+                raise SystemExit("mutation: a planted mutant was not killed: the test runs do not see the "
+                                 "mutated copy; aborting")
+        timeouts = {}
+        used = [t for t in targets if any(m.target is t for m in mutants)]
+        if args.no_baseline:
+            timeouts = {t.name: args.timeout for t in used}
+        else:
+            for t, (outcome, secs, tail) in zip(used, _pmap(pool, used, lambda t: pool.run(t, None, 3600))):
+                print(f"mutation: unmutated {t.name}: {outcome} in {secs:.0f} s", flush=True)
+                if outcome != "survived":
+                    print(tail)
+                    raise SystemExit(f"mutation: the unmutated tests of {t.name} do not pass; fix them first")
+                timeouts[t.name] = args.timeout or 2 * secs + 60
+
+        results = []
+        done = [0]
+
+        def one(m):
+            outcome, secs, tail = pool.run(m.target, m.text, timeouts[m.target.name])
+            if outcome == "survived" and m.key in EQUIVALENT:
+                outcome = "equivalent"
+            done[0] += 1
+            print(f"[{done[0]}/{len(mutants)}] {outcome:10s} {secs:5.0f} s  {m.ident}  {m.before}  ->  {m.after}",
+                  flush=True)
+            return m, outcome, tail
+
+        print(f"mutation: {len(mutants)} mutants", flush=True)
+        results = list(_pmap(pool, mutants, one))
+    return report(results, targets, time.monotonic() - start)
+
+
+def report(results, targets, seconds) -> int:
+    kinds = ("killed", "timeout", "survived", "equivalent", "error")
+    print("\n== mutation report ==")
+    print(f"{'target':10s} {'path':28s} {'tried':>5s} " + " ".join(f"{k:>10s}" for k in kinds) + "  score")
+    tot = dict.fromkeys(kinds, 0)
+    for t in targets:
+        rs = [o for m, o, _ in results if m.target is t]
+        if not rs:
+            continue
+        c = {k: rs.count(k) for k in kinds}
+        for k in kinds:
+            tot[k] += c[k]
+        live = len(rs) - c["equivalent"]
+        score = 100.0 * (c["killed"] + c["timeout"]) / live if live else 100.0
+        print(f"{t.name:10s} {t.path:28s} {len(rs):5d} " + " ".join(f"{c[k]:10d}" for k in kinds)
+              + f"  {score:5.1f}%")
+    n = len(results)
+    live = n - tot["equivalent"]
+    score = 100.0 * (tot["killed"] + tot["timeout"]) / live if live else 100.0
+    print(f"{'total':10s} {'':28s} {n:5d} " + " ".join(f"{tot[k]:10d}" for k in kinds) + f"  {score:5.1f}%")
+    print(f"duration: {seconds:.0f} s")
+    bad = [(m, o, tail) for m, o, tail in results if o in ("survived", "error")]
+    for m, o, tail in bad:
+        print(f"\n{o.upper()} {m.ident} in {m.func}\n  EQUIVALENT key: {m.key!r}\n{diff(m)}")
+        if o == "error":
+            print(tail)
+    eq = [m for m, o, _ in results if o == "equivalent"]
+    if eq:
+        print("\nequivalent (EQUIVALENT in tests/mutation.py):")
+        for m in eq:
+            print(f"  {m.ident} {m.before} -> {m.after}: {EQUIVALENT[m.key]}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
