@@ -97,7 +97,7 @@ def test_linear_backward_tf32_against_float64(rng):
     w = rng.standard_normal((6, 3)).astype(np.float32)
     go = rng.standard_normal((7, 3)).astype(np.float32)
     gx, gw, gb = ref.linear_backward(x, w, go, precision="tf32")
-    t = lambda a: ref.round_tf32(a).astype(np.float64)  # noqa: E731
+    t = lambda a: ref.round_tf32(a).astype(np.float64)
     assert np.array_equal(gx, (t(go) @ t(w).T).astype(np.float32))
     assert np.array_equal(gw, (t(x).T @ t(go)).astype(np.float32))
     assert np.array_equal(gb, go.astype(np.float64).sum(0).astype(np.float32))

@@ -221,3 +221,184 @@ def test_divergent_mma_breaks_the_twin_barrier(device_backend, monkeypatch):
 
     with pytest.raises(threading.BrokenBarrierError):
         divergent[1, 32](cuda.device_array(32, np.float32))
+
+
+# ----------------------------------------------------------------------------
+# The mma.sync matmul (kernels/linear/tensorcore.py) against the reference model
+# ----------------------------------------------------------------------------
+
+SEED = 2**33 + 7  # both key words non-zero
+P = 0.3
+SMALL = "mma32x32"  # 4 warps of 16 x 16: the cheapest block in the simulator
+
+
+def _tc():
+    _backend.kernels()
+    from gpufc.kernels.linear import tensorcore
+
+    return tensorcore
+
+
+def _draw(rng, kind, shape, integer=False):
+    """(values as float32 on the format's grid, the array the kernel reads: float32 or uint16 bits)."""
+    v = rng.integers(-4, 5, shape).astype(np.float32) if integer else rng.standard_normal(shape).astype(np.float32)
+    if kind == "tf32":
+        return v, v
+    bits = _bits16(v, kind)
+    return _value16(bits, kind).astype(np.float32), bits
+
+
+def _to_values(kind, y):
+    return y if kind == "tf32" else _value16(y, kind).astype(np.float32)
+
+
+def _round_out(kind, y32):
+    """float32 -> the output format (16-bit values as float32); TF32 outputs are float32."""
+    y32 = np.asarray(y32, np.float32)
+    if kind == "f16":
+        return y32.astype(np.float16).astype(np.float32)
+    if kind == "bf16":
+        return ref.round_bf16(y32)
+    return y32
+
+
+def _ref_linear(kind, x, w, b=None, **kw):
+    # float16 and bfloat16 values are exact in TF32 (11 and 8 significant bits), so the TF32
+    # model of gpufc.reference computes the 16-bit model's float32 result; then one rounding.
+    return _round_out(kind, ref.linear(x, w, b, precision="tf32", **kw))
+
+
+def _bound(kind, x, w, want, k):
+    """docs/precision.md: 2 eps_out |ref| + 8 eps32 sqrt(K) (|x| @ |w|) (+ 1e-30 for exact zeros)."""
+    eps_out = {"tf32": 2.0**-23, "f16": 2.0**-10, "bf16": 2.0**-7}[kind]
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
+    return 2 * eps_out * np.abs(want) + 8 * 2.0**-23 * np.sqrt(max(k, 1)) * scale + 1e-30
+
+
+def _assert_within(kind, got, want, bound, what):
+    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    bad = np.argwhere(~(err <= bound))
+    assert bad.size == 0, (f"{what}: {len(bad)} of {err.size} outside the bound; first {bad[:3].tolist()}: "
+                           f"got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}, bound {bound[tuple(bad[0])]}")
+
+
+def _launch_tc(kind, a, b, bias, m, n, *, ep, trans_a=False, trans_b=False, config=SMALL, p=P, seed=SEED,
+               offset=0):
+    """Run ``launch_mma`` on host arrays (float32 or uint16 bits); returns (y, z) as float32 values."""
+    store = np.float32 if kind == "tf32" else np.uint16
+    y = cuda.device_array((m, n), store)
+    z = cuda.device_array((m, n), store) if ep.save_preact else y
+    _tc().launch_mma(cuda.to_device(a), cuda.to_device(b), cuda.to_device(bias), y, z, kind=kind, trans_a=trans_a,
+                     trans_b=trans_b, ep=ep, key=(seed & 0xFFFFFFFF, seed >> 32), offset=offset,
+                     threshold=ref.dropout_threshold(p), scale=ref.dropout_scale(p, np.float32), config=config)
+    cuda.synchronize()
+    return _to_values(kind, y.copy_to_host()), (_to_values(kind, z.copy_to_host()) if ep.save_preact else None)
+
+
+def _epilogue(*args, **kw):
+    _backend.kernels()
+    from gpufc.kernels.linear.tensorcore import Epilogue
+
+    return Epilogue(*args, **kw)
+
+
+# (M, K, N): ragged in every dimension; K = 21 makes every row misaligned for 16-byte copies
+# (the element-by-element path), K = 40 aligned (cp.async, with a ragged last slice).
+SHAPES = [(37, 21, 35), (33, 40, 30)]
+LAYOUTS = ["NN", "NT", "TN"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_integer_inputs_are_bit_exact(device_backend, rng, kind, layout):
+    # Small integers: every product and partial sum is exact in float32, so the kernel must
+    # match the model bit for bit in every operand layout (NN forward, NT grad_x, TN grad_w).
+    m, k, n = 35, 40, 37
+    x, xs = _draw(rng, kind, (m, k), integer=True)
+    w, ws = _draw(rng, kind, (k, n), integer=True)
+    a = xs.T.copy() if layout[0] == "T" else xs
+    b = ws.T.copy() if layout[1] == "T" else ws
+    y, _ = _launch_tc(kind, a, b, np.zeros(n, a.dtype), m, n, ep=_epilogue(), trans_a=layout[0] == "T",
+                      trans_b=layout[1] == "T")
+    assert np.array_equal(y, _ref_linear(kind, x, w)), f"{kind} {layout}: not bit-exact"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_forward_full_epilogue(device_backend, rng, kind, m, k, n):
+    # N odd and offset 3: pairs of outputs straddle Philox blocks
+    x, xs = _draw(rng, kind, (m, k))
+    w, ws = _draw(rng, kind, (k, n))
+    b, bs = _draw(rng, kind, (n,))
+    ep = _epilogue("gelu", bias=True, dropout=True, save_preact=True)
+    y, z = _launch_tc(kind, xs, ws, bs, m, n, ep=ep, offset=3)
+    z_want = _round_out(kind, ref.linear_preact(x, w, b, precision="tf32"))
+    _assert_within(kind, z, z_want, _bound(kind, x, w, z_want, k), f"{kind} pre-activation")
+    want = _ref_linear(kind, x, w, b, activation="gelu", dropout_p=P, seed=SEED, offset=3)
+    dropped = ~ref.dropout_keep_mask((m, n), P, SEED, 3)
+    assert (y[dropped] == 0).all(), f"{kind}: {np.count_nonzero(y[dropped])} dropped outputs are not 0"
+    _assert_within(kind, y, want, _bound(kind, x, w, want, k) * 1.2, f"{kind} gelu + dropout")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["NT", "TN"])
+def test_backward_layouts_against_the_model(device_backend, rng, kind, layout):
+    # grad_x = g (M, N) @ w.T (NT: w in its stored (K, N) layout) and grad_w = x.T @ g (TN)
+    m, k, n = 29, 37, 26  # here "k" is the reduction: N for grad_x, the batch for grad_w
+    p, ps = _draw(rng, kind, (m, k))
+    q, qs = _draw(rng, kind, (k, n))
+    a = ps.T.copy() if layout == "TN" else ps
+    b = qs.T.copy() if layout == "NT" else qs
+    y, _ = _launch_tc(kind, a, b, np.zeros(n, a.dtype), m, n, ep=_epilogue(), trans_a=layout == "TN",
+                      trans_b=layout == "NT")
+    want = _ref_linear(kind, p, q)
+    _assert_within(kind, y, want, _bound(kind, p, q, want, k), f"{kind} {layout}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset", [0, 3, 2**32 - 1])
+def test_fused_dropout_mask_is_bit_exact(device_backend, kind, offset):
+    # x = 0 and b = 1: every pre-dropout output is exactly 1, so y is the scale (rounded once
+    # to the output format) where kept and exactly 0 where dropped: the mask, bit for bit.
+    m, k, n, p = 19, 8, 13, 0.4
+    store = np.float32 if kind == "tf32" else np.uint16
+    one = np.float32(1) if kind == "tf32" else _bits16(np.float32(1), kind)
+    y, _ = _launch_tc(kind, np.zeros((m, k), store), np.full((k, n), one, store), np.full(n, one, store), m, n,
+                      ep=_epilogue(None, bias=True, dropout=True), p=p, seed=77, offset=offset)
+    keep = ref.dropout_keep_mask((m, n), p, 77, offset)
+    assert np.array_equal(y != 0, keep)
+    assert (y[keep] == _round_out(kind, ref.dropout_scale(p, np.float32))).all()
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu_tanh", "tanh", "sigmoid"])
+def test_every_activation(device_backend, rng, activation):
+    kind = "f16" if activation in ("relu", "tanh") else "bf16" if activation == "sigmoid" else "tf32"
+    m, k, n = 9, 7, 11
+    x, xs = _draw(rng, kind, (m, k))
+    w, ws = _draw(rng, kind, (k, n))
+    b, bs = _draw(rng, kind, (n,))
+    y, _ = _launch_tc(kind, xs, ws, bs, m, n, ep=_epilogue(activation, bias=True, dropout=True), offset=2)
+    want = _ref_linear(kind, x, w, b, activation=activation, dropout_p=P, seed=SEED, offset=2)
+    _assert_within(kind, y, want, _bound(kind, x, w, want, k) * 1.2 + 4e-7, f"{kind} {activation}")
+
+
+def test_k_zero_gives_the_epilogue_of_zero(device_backend):
+    m, n = 5, 6
+    b = np.linspace(-1, 1, n).astype(np.float32)
+    y, _ = _launch_tc("tf32", np.zeros((m, 0), np.float32), np.zeros((0, n), np.float32), b, m, n,
+                      ep=_epilogue("sigmoid", bias=True, dropout=True), offset=1)
+    want = ref.linear(np.zeros((m, 0), np.float32), np.zeros((0, n), np.float32), b, activation="sigmoid",
+                      dropout_p=P, seed=SEED, offset=1)
+    _assert_within("tf32", y, want, np.full(want.shape, 1e-6), "K = 0")
+
+
+@pytest.mark.parametrize("name,kind", [("mma64x64", "f16"), ("mma128x64", "bf16"), ("mma128x128", "tf32")])
+def test_every_configuration_integer_tile(device_backend, rng, name, kind):
+    # Each larger configuration once, integer inputs (bit-exact), edges ragged, one K slice + a bit.
+    cfg = _tc().config_by_name(name)
+    m, k, n = cfg.bm + 3 if cfg.bm < 128 else cfg.bm - 5, cfg.bk(kind) + 5, cfg.bn - 3
+    x, xs = _draw(rng, kind, (m, k), integer=True)
+    w, ws = _draw(rng, kind, (k, n), integer=True)
+    b, bs = _draw(rng, kind, (n,), integer=True)
+    y, _ = _launch_tc(kind, xs, ws, bs, m, n, ep=_epilogue("relu", bias=True), config=name)
+    assert np.array_equal(y, _ref_linear(kind, x, w, b, activation="relu"))
