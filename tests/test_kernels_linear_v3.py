@@ -1,0 +1,218 @@
+"""Kernels tier: the version-3 matmul (kernels/linear/v3_pipelined.py) and split-K with its
+deterministic reduction (kernels/linear/splitk.py), against gpufc.reference, on the GPU or
+in the simulator.
+
+Each configuration runs the three operand layouts (NN forward, NT grad_x, TN grad_w)
+with vector loads (contiguous dimensions multiples of 4) and with scalar loads (odd
+dimensions). Split-K: the result bits depend on the K chunk only, never on the tile
+configuration or the reduction's launch geometry, and one chunk equals the unsplit
+kernel bit for bit. The simulator runs each thread in Python: shapes stay within a
+few tiles, and the 8 x 8 thread-tile configurations run once each.
+"""
+
+import importlib
+
+import numpy as np
+import pytest
+from helpers import assert_close, tolerance
+
+from gpufc import backend as _backend
+from gpufc import reference as ref
+
+pytestmark = pytest.mark.kernels
+
+SEED = 2**33 + 7
+P = 0.3
+SMALL = ("v3_t32x32", "v3_t64x64")  # 2 x 2 and 4 x 4 thread tiles: cheap in the simulator
+
+
+def _mods():
+    _backend.kernels()  # the backend (and the simulator switch) before the kernel modules
+    v3 = importlib.import_module("gpufc.kernels.linear.v3_pipelined")
+    sk = importlib.import_module("gpufc.kernels.linear.splitk")
+    ep = importlib.import_module("gpufc.kernels.epilogue")
+    return v3, sk, ep
+
+
+def _cfg(name):
+    v3, _, _ = _mods()
+    return next(c for c in v3.CONFIGS if c.name == name)
+
+
+def _run(a, b, bias, m, n, *, cfg, ep, trans_a=False, trans_b=False, chunk=None, offset=0, p=P):
+    """``v3.launch`` on host arrays; returns (y, zout) on the host."""
+    cuda = _backend.numba_cuda()
+    v3, sk, _ = _mods()
+    dtype = a.dtype
+    k = a.shape[0] if trans_a else a.shape[1]
+    y = cuda.device_array((m, n), dtype)
+    z = cuda.device_array((m, n), dtype) if ep.save_preact else y
+    ws = None if chunk is None else cuda.device_array((sk.splits_for(k, chunk), m, n), dtype)
+    v3.launch(cuda.to_device(a), cuda.to_device(b), cuda.to_device(bias), y, z, cfg=cfg, trans_a=trans_a,
+              trans_b=trans_b, ep=ep, key=(SEED & 0xFFFFFFFF, SEED >> 32), offset=offset,
+              threshold=ref.dropout_threshold(p), scale=ref.dropout_scale(p, dtype), chunk=chunk, ws=ws)
+    cuda.synchronize()
+    return y.copy_to_host(), (z.copy_to_host() if ep.save_preact else None)
+
+
+def _operands(rng, m, k, n, layout, dtype=np.float32):
+    x = rng.standard_normal((m, k)).astype(dtype)
+    w = rng.standard_normal((k, n)).astype(dtype)
+    a = x.T.copy() if layout[0] == "T" else x
+    b = w.T.copy() if layout[1] == "T" else w
+    return x, w, a, b
+
+
+# ----------------------------------------------------------------------------
+# Version 3: every layout, vector and scalar loads
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vector", [True, False], ids=["vector", "scalar"])
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN"])
+@pytest.mark.parametrize("name", SMALL)
+def test_v3_layouts(device_backend, rng, name, layout, vector):
+    cfg = _cfg(name)
+    # vector: every dimension a multiple of 4; scalar: odd. One more row tile than fits,
+    # a ragged column tile, K = two slices plus a ragged remainder (3 slices: the pipeline's
+    # first, middle and last trips).
+    m, k, n = (cfg.bm + 4, 2 * cfg.bk + 4, cfg.bn - 4) if vector else (cfg.bm + 3, 2 * cfg.bk + 3, cfg.bn - 5)
+    x, w, a, b = _operands(rng, m, k, n, layout)
+    v3, _, ep = _mods()
+    cuda = _backend.numba_cuda()
+    assert v3.vector_ok(cuda.to_device(a), cuda.to_device(b), m, n, k, layout[0] == "T", layout[1] == "T") == vector
+    y, _ = _run(a, b, np.zeros(n, np.float32), m, n, cfg=cfg, ep=ep.PLAIN, trans_a=layout[0] == "T",
+                trans_b=layout[1] == "T")
+    rtol, atol = tolerance(np.float32, k)
+    assert_close(y, x.astype(np.float64) @ w.astype(np.float64), rtol=rtol, atol=atol, what=f"{name} {layout}")
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 3, 7), (3, 0, 4)])
+def test_v3_tiny_and_empty_k(device_backend, rng, m, k, n):
+    # one element, below one slice, K = 0 (y = epilogue(0) = act(b))
+    _, _, ep = _mods()
+    x, w, a, b = _operands(rng, m, k, n, "NN")
+    bias = rng.standard_normal(n).astype(np.float32)
+    y, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t32x32"), ep=ep.Epilogue("tanh", bias=True))
+    want = ref.linear(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64), activation="tanh")
+    assert_close(y, want, rtol=1e-5, atol=1e-5, what=f"{m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("name,layout", [("v3_t128x128k16w", "NN"), ("v3_t128x128w", "TN"),
+                                         ("v3_t128x64", "NT")])
+def test_v3_large_tiles_full_epilogue(device_backend, rng, name, layout):
+    # The 8 x 8 thread tiles once each (simulator time): gelu + bias + dropout + pre-activation,
+    # offset 3 and N odd so runs of 4 outputs straddle Philox blocks; the mask exactly.
+    cfg = _cfg(name)
+    m, k, n, offset = 9, cfg.bk + 4, 13, 3
+    x, w, a, b = _operands(rng, m, k, n, layout)
+    bias = rng.standard_normal(n).astype(np.float32)
+    _, _, ep = _mods()
+    y, z = _run(a, b, bias, m, n, cfg=cfg, ep=ep.Epilogue("gelu", bias=True, dropout=True, save_preact=True),
+                trans_a=layout[0] == "T", trans_b=layout[1] == "T", offset=offset)
+    x64, w64, b64 = (v.astype(np.float64) for v in (x, w, bias))
+    rtol, atol = tolerance(np.float32, k)
+    assert_close(z, x64 @ w64 + b64, rtol=rtol, atol=atol, what=f"{name} pre-activation")
+    keep = ref.dropout_keep_mask((m, n), P, SEED, offset)
+    assert (y[~keep] == 0).all()
+    want = ref.linear(x64, w64, b64, activation="gelu", dropout_p=P, seed=SEED, offset=offset)
+    assert_close(y, want, rtol=rtol, atol=atol, what=f"{name} gelu + dropout")
+
+
+def test_v3_same_bits_whatever_the_tile(device_backend, rng):
+    # Every output is a chain of multiply-adds in ascending k from 0, whatever the tile:
+    # two configurations (different block, thread tile and grid) give the same bits.
+    _, _, ep = _mods()
+    m, k, n = 37, 29, 41
+    _, _, a, b = _operands(rng, m, k, n, "NN")
+    bias = np.zeros(n, np.float32)
+    y1, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t32x32"), ep=ep.PLAIN)
+    y2, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t64x64"), ep=ep.PLAIN)
+    assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+
+
+# ----------------------------------------------------------------------------
+# Split-K
+# ----------------------------------------------------------------------------
+
+
+def test_splitk_matches_reference_and_applies_the_epilogue_once(device_backend, rng):
+    # 4 chunks of 24 (the last ragged); bias, relu, dropout and the pre-activation once, after the sum.
+    _, _, ep = _mods()
+    m, k, n = 13, 90, 22
+    x, w, a, b = _operands(rng, m, k, n, "NN")
+    bias = rng.standard_normal(n).astype(np.float32)
+    full = ep.Epilogue("relu", bias=True, dropout=True, save_preact=True)
+    y, z = _run(a, b, bias, m, n, cfg=_cfg("v3_t32x32"), ep=full, chunk=24, offset=5)
+    x64, w64, b64 = (v.astype(np.float64) for v in (x, w, bias))
+    rtol, atol = tolerance(np.float32, k)
+    assert_close(z, x64 @ w64 + b64, rtol=rtol, atol=atol, what="split-K pre-activation")
+    assert_close(y, ref.linear(x64, w64, b64, activation="relu", dropout_p=P, seed=SEED, offset=5),
+                 rtol=rtol, atol=atol, what="split-K relu + dropout")
+
+
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN"])
+def test_splitk_bits_do_not_depend_on_the_launch_geometry(device_backend, rng, layout):
+    # Same chunk, different tile configurations (block 32 x 32 / 64 x 64, 2 x 2 / 4 x 4 thread
+    # tiles: different grids) and reduction geometries (blocks of 32 or 256 threads, a grid
+    # of 1 or many): identical bits.
+    cuda = _backend.numba_cuda()
+    _, sk, ep = _mods()
+    m, k, n, chunk = 20, 40, 13, 16  # 3 chunks, the last ragged
+    _, _, a, b = _operands(rng, m, k, n, layout)
+    bias = rng.standard_normal(n).astype(np.float32)
+    full = ep.Epilogue("sigmoid", bias=True, dropout=True)
+    ta, tb = layout[0] == "T", layout[1] == "T"
+    y1, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t32x32"), ep=full, trans_a=ta, trans_b=tb, chunk=chunk)
+    y2, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t64x64"), ep=full, trans_a=ta, trans_b=tb, chunk=chunk)
+    assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32)), "the tile configuration changed the bits"
+    # the reduction alone, over one workspace, at two geometries
+    v3, _, _ = _mods()
+    splits = sk.splits_for(k, chunk)
+    ws = cuda.device_array((splits, m, n), np.float32)
+    part = v3.make_partial_kernel(_cfg("v3_t32x32"), np.float32, ta, tb, False)
+    cfg = _cfg("v3_t32x32")
+    part[(-(-m // cfg.bm), -(-n // cfg.bn), splits), (cfg.threads,)](
+        cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), ws, np.uint64(k), np.uint64(chunk))
+    red = sk.make_reduce_kernel(np.float32, full)
+    outs = []
+    for blocks, threads in ((1, 32), (sk.reduce_grid(m, n), sk.REDUCE_THREADS)):
+        y = cuda.device_array((m, n), np.float32)
+        red[blocks, threads](ws, cuda.to_device(bias), y, y, np.uint32(SEED & 0xFFFFFFFF), np.uint32(SEED >> 32),
+                             np.uint64(0), np.uint64(ref.dropout_threshold(P)), np.float32(ref.dropout_scale(P, np.float32)))
+        outs.append(y.copy_to_host())
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), "the reduction geometry changed the bits"
+    assert np.array_equal(outs[0].view(np.uint32), y1.view(np.uint32))
+
+
+def test_one_chunk_equals_the_unsplit_kernel(device_backend, rng):
+    _, _, ep = _mods()
+    m, k, n = 21, 40, 19
+    _, _, a, b = _operands(rng, m, k, n, "NN")
+    bias = rng.standard_normal(n).astype(np.float32)
+    e = ep.Epilogue("gelu_tanh", bias=True)
+    y1, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t32x32"), ep=e)
+    y2, _ = _run(a, b, bias, m, n, cfg=_cfg("v3_t32x32"), ep=e, chunk=64)
+    assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+
+
+def test_splitk_workspace_is_checked(device_backend, rng):
+    cuda = _backend.numba_cuda()
+    v3, _, ep = _mods()
+    a, b = np.ones((4, 40), np.float32), np.ones((40, 4), np.float32)
+    y = cuda.device_array((4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"ws must be a \(3, 4, 4\) float32 workspace"):
+        v3.launch(cuda.to_device(a), cuda.to_device(b), cuda.to_device(np.zeros(4, np.float32)), y, y,
+                  cfg=_cfg("v3_t32x32"), ep=ep.PLAIN, chunk=16, ws=cuda.device_array((2, 4, 4), np.float32))
+
+
+def test_choose_chunk_rule(device_backend):
+    _, sk, _ = _mods()
+    assert sk.choose_chunk(4096, 4096, 4096, tiles=1024, sms=132) is None  # the grid fills the GPU
+    assert sk.choose_chunk(8, 1024, 300, tiles=32, sms=132) is None  # K too short for two chunks
+    chunk = sk.choose_chunk(64, 512, 512, tiles=16, sms=132)
+    assert chunk % sk.CHUNK_QUANTUM == 0 and sk.splits_for(512, chunk) == 2
+    chunk = sk.choose_chunk(8, 1024, 4096, tiles=32, sms=132)
+    assert chunk % sk.CHUNK_QUANTUM == 0 and 2 <= sk.splits_for(4096, chunk) <= 132 // 32
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        sk.splits_for(10, 0)
