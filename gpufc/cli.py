@@ -14,6 +14,7 @@ import numpy as np
 
 from .bench import cmd_bench  # light at import: numpy and the standard library
 from .train import cmd_train
+from .tune import cmd_tune  # light at import: the standard library
 
 DEMO_SEED = 2024
 
@@ -65,6 +66,7 @@ COMMANDS = {
     "demo": (cmd_demo, "run the seed article's fully connected and dropout examples"),
     "bench": (cmd_bench, "benchmark against cuBLAS/PyTorch/NumPy on the active backend (cpu: not a GPU measurement)"),
     "train": (cmd_train, "train an MLP on scikit-learn's handwritten digits; prints the test accuracy last"),
+    "tune": (cmd_tune, "time the matmul configurations per shape on this GPU and keep the winners (needs a GPU)"),
 }
 
 
