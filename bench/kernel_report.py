@@ -14,7 +14,10 @@ disassembles the cubin with ``nvdisasm`` and prints:
   (FFMA/DFMA over all instructions) of the innermost loop holding the most FMA
   instructions, found from the backward branches of the SASS
   (:func:`gpufc.compile.main_loop` documents the definition), with its
-  shared loads (LDS, of which 128-bit), global loads and shared stores.
+  shared loads (LDS, of which 128-bit), global loads and shared stores;
+- for the tensor-core kernels (``mma/...``), the whole kernel's HMMA, LDSM
+  (ldmatrix) and LDGSTS (cp.async) counts and the main loop's HMMA share (the
+  loop with the most HMMA instructions).
 
 Every figure is compile-time evidence, not a measurement on a GPU.
 
@@ -79,6 +82,9 @@ def report_row(index: int, cc: tuple[int, int]) -> dict:
     }
     if spec.threads:
         row["occupancy"] = C.occupancy(spec.threads, res.registers, res.shared_bytes)
+    insns, _ = C.sass_instructions(res.sass)
+    ops = [o.split(".")[0] for o, _ in insns]
+    row["hmma"], row["ldsm"], row["ldgsts"] = ops.count("HMMA"), ops.count("LDSM"), ops.count("LDGSTS")
     if spec.main_loop:
         loop = C.main_loop(res.sass)
         if loop is not None:
@@ -91,6 +97,10 @@ def report_row(index: int, cc: tuple[int, int]) -> dict:
                 "ldg": loop.count("LDG"),
                 "sts": loop.count("STS"),
                 "bar": loop.count("BAR"),
+                "hmma": loop.hmma,
+                "hmma_share": round(loop.hmma_share, 4),
+                "ldsm": loop.count("LDSM"),
+                "ldgsts": loop.count("LDGSTS"),
             }
     return row
 
@@ -109,7 +119,7 @@ def build_report(cc=(9, 0), match: str | None = None, jobs: int = 1) -> list[dic
 def format_table(rows: list[dict]) -> str:
     head = (f"{'kernel':52s} {'arch':5s} {'regs':>4s} {'smem B':>7s} {'spill':>5s} {'LDL/STL':>7s} "
             f"{'thr':>4s} {'blk/SM':>6s} {'occ':>5s} {'bound':9s} {'loop':>5s} {'FMA%':>6s} {'LDS(.128)':>9s} "
-            f"{'LDG':>4s} {'STS':>4s} {'s':>5s}")
+            f"{'LDG':>4s} {'STS':>4s} {'HMMA':>4s} {'LDSM':>4s} {'GSTS':>4s} {'HMMA%':>6s} {'s':>5s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         occ = r.get("occupancy")
@@ -121,6 +131,8 @@ def format_table(rows: list[dict]) -> str:
                f"{'-':>6s} {'-':>5s} {'-':9s} ")
             + (f"{ml['instructions']:5d} {100 * ml['fma_share']:5.1f}% {ml['lds']:4d}({ml['lds_128']:3d}) "
                f"{ml['ldg']:4d} {ml['sts']:4d} " if ml else f"{'-':>5s} {'-':>6s} {'-':>9s} {'-':>4s} {'-':>4s} ")
+            + f"{r.get('hmma', 0):4d} {r.get('ldsm', 0):4d} {r.get('ldgsts', 0):4d} "
+            + (f"{100 * ml['hmma_share']:5.1f}% " if ml and ml.get("hmma") else f"{'-':>6s} ")
             + f"{r['compile_s']:5.1f}"
         )
     return "\n".join(lines)
@@ -134,6 +146,11 @@ def summary(rows: list[dict]) -> list[str]:
         share = r["main_loop"]["fma_share"]
         verdict = "ok" if share >= FMA_GATE else "BELOW"
         out.append(f"main-loop FMA share {100 * share:.1f}% ({verdict}, gate {100 * FMA_GATE:.0f}%): {r['name']}")
+    for r in rows:
+        ml = r.get("main_loop")
+        if r["name"].startswith("mma/") and ml:
+            out.append(f"tensor cores: {r['name']}: {r['hmma']} HMMA, {r['ldsm']} LDSM, {r['ldgsts']} LDGSTS; main loop "
+                       f"{ml['hmma']} HMMA in {ml['instructions']} instructions ({100 * ml['hmma_share']:.1f}%)")
     out.append("static figures from ptxas/nvdisasm: not measured on a GPU")
     return out
 
@@ -161,8 +178,8 @@ def main(argv=None) -> int:
         "arch": f"sm_{arch}",
         "occupancy_model": "H100: 65536 regs, 228 KiB smem (227 KiB/block), 2048 threads, 32 blocks per SM; "
                            "256-register warp granularity; 1 KiB smem reserved per block",
-        "main_loop_definition": "innermost backward-branch loop of the SASS holding the most FFMA/DFMA; "
-                                "share = FMA / all instructions in it",
+        "main_loop_definition": "the backward-branch loop of the SASS holding the most HMMA, else the most LDS, "
+                                "then FFMA/DFMA, then the shortest; share = FMA (HMMA) / all instructions in it",
         "measured_on_gpu": False,
         "wall_s": round(time.perf_counter() - start, 1),
         "rows": rows,

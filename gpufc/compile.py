@@ -122,10 +122,15 @@ class LoopMix:
     instructions: int
     fma: int
     counts: dict  # opcode with modifiers (e.g. "LDS.128") -> count
+    hmma: int = 0  # tensor-core mma instructions (HMMA.*)
 
     @property
     def fma_share(self) -> float:
         return self.fma / self.instructions if self.instructions else 0.0
+
+    @property
+    def hmma_share(self) -> float:
+        return self.hmma / self.instructions if self.instructions else 0.0
 
     def count(self, prefix: str) -> int:
         """Instructions whose opcode is ``prefix`` or starts with ``prefix + '.'``."""
@@ -151,7 +156,9 @@ def main_loop(sass: str) -> LoopMix | None:
     """The main (K) loop of a matmul kernel's SASS, or None when it has no loop.
 
     Loops are the ranges of backward branches (a ``BRA`` to an earlier label: the
-    instructions from the label through the branch). The main loop is the one
+    instructions from the label through the branch). In a tensor-core kernel the
+    main loop is the one with the most HMMA instructions (its shared reads are
+    LDSM); otherwise it is the one
     that reads shared memory most (the most LDS instructions: a tiled GEMM's K
     loop feeds every FMA from shared memory, while an epilogue loop reads a few
     staged values and may hold more FMA of its own, e.g. float64 erf), then the
@@ -171,16 +178,17 @@ def main_loop(sass: str) -> LoopMix | None:
         body = [o for o, _ in insns[labels[t.group(1)]: pos + 1]]
         fma = sum(1 for o in body if o.split(".")[0] in FMA_OPCODES)
         lds = sum(1 for o in body if o.split(".")[0] == "LDS")
-        key = (lds, fma, -len(body))
+        hmma = sum(1 for o in body if o.split(".")[0] == "HMMA")
+        key = (hmma, lds, fma, -len(body))
         if best is None or key > best[0]:
-            best = (key, body, fma)
+            best = (key, body, fma, hmma)
     if best is None:
         return None
-    _, body, fma = best
+    _, body, fma, hmma = best
     counts: dict[str, int] = {}
     for o in body:
         counts[o] = counts.get(o, 0) + 1
-    return LoopMix(instructions=len(body), fma=fma, counts=counts)
+    return LoopMix(instructions=len(body), fma=fma, counts=counts, hmma=hmma)
 
 
 # ----------------------------------------------------------------------------

@@ -302,9 +302,10 @@ def _epilogue(*args, **kw):
     return Epilogue(*args, **kw)
 
 
-# (M, K, N): ragged in every dimension; K = 21 makes every row misaligned for 16-byte copies
-# (the element-by-element path), K = 40 aligned (cp.async, with a ragged last slice).
-SHAPES = [(37, 21, 35), (33, 40, 30)]
+# (M, K, N): ragged in every dimension. K = 21 and N = 35: rows misaligned for 16-byte copies
+# (the element-by-element K loop); (40, 40, 24): every leading dimension a multiple of 16 bytes
+# (the cp.async K loop, zeros filled past M, N and the last K slice).
+SHAPES = [(37, 21, 35), (40, 40, 24)]
 LAYOUTS = ["NN", "NT", "TN"]
 
 
@@ -312,8 +313,9 @@ LAYOUTS = ["NN", "NT", "TN"]
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_integer_inputs_are_bit_exact(device_backend, rng, kind, layout):
     # Small integers: every product and partial sum is exact in float32, so the kernel must
-    # match the model bit for bit in every operand layout (NN forward, NT grad_x, TN grad_w).
-    m, k, n = 35, 40, 37
+    # match the model bit for bit in every operand layout (NN forward, NT grad_x, TN grad_w),
+    # on the cp.async path (leading dimensions multiples of 16 bytes, edges ragged).
+    m, k, n = 40, 40, 24
     x, xs = _draw(rng, kind, (m, k), integer=True)
     w, ws = _draw(rng, kind, (k, n), integer=True)
     a = xs.T.copy() if layout[0] == "T" else xs
@@ -344,7 +346,7 @@ def test_forward_full_epilogue(device_backend, rng, kind, m, k, n):
 @pytest.mark.parametrize("layout", ["NT", "TN"])
 def test_backward_layouts_against_the_model(device_backend, rng, kind, layout):
     # grad_x = g (M, N) @ w.T (NT: w in its stored (K, N) layout) and grad_w = x.T @ g (TN)
-    m, k, n = 29, 37, 26  # here "k" is the reduction: N for grad_x, the batch for grad_w
+    m, k, n = 24, 56, 40  # here "k" is the reduction: N for grad_x, the batch for grad_w (cp.async path)
     p, ps = _draw(rng, kind, (m, k))
     q, qs = _draw(rng, kind, (k, n))
     a = ps.T.copy() if layout == "TN" else ps
@@ -392,7 +394,7 @@ def test_k_zero_gives_the_epilogue_of_zero(device_backend):
     _assert_within("tf32", y, want, np.full(want.shape, 1e-6), "K = 0")
 
 
-@pytest.mark.parametrize("name,kind", [("mma64x64", "f16"), ("mma128x64", "bf16"), ("mma128x128", "tf32")])
+@pytest.mark.parametrize("name,kind", [("mma64x64", "f16"), ("mma64x64", "bf16"), ("mma128x128", "tf32")])
 def test_every_configuration_integer_tile(device_backend, rng, name, kind):
     # Each larger configuration once, integer inputs (bit-exact), edges ragged, one K slice + a bit.
     cfg = _tc().config_by_name(name)

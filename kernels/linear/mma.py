@@ -29,7 +29,9 @@ out in memory, C order, so multi-dimensional shared arrays are addressed flat):
   lane ``l`` holds word ``l % 4`` of row ``l // 4`` of matrix ``r`` (of its
   transpose with ``.trans``).
 - ``cp_async16(smem, i, src, j)``: copy 16 bytes ``src.flat[j:] -> smem.flat[i:]``
-  without passing through registers (``.cg``: L2 only); ``cp_async_commit()``
+  without passing through registers (``.cg``: L2 only); ``cp_async16_zfill(smem,
+  i, src, j, nbytes)`` reads only the first ``nbytes`` (0..16) and writes zeros
+  after them (ragged edges; ``nbytes = 0`` reads nothing); ``cp_async_commit()``
   closes a group; ``cp_async_wait(n)`` waits until at most ``n`` groups are in
   flight (``n`` a compile-time constant: ``make_cp_async_wait(n)``).
 - ``f16_to_f32(u16)``, ``f32_to_f16(f)``, ``bf16_to_f32(u16)``,
@@ -75,6 +77,7 @@ __all__ = [
     "bf16_to_f32",
     "bits_f32",
     "cp_async16",
+    "cp_async16_zfill",
     "cp_async_commit",
     "cvt_tf32",
     "f16_to_f32",
@@ -267,6 +270,12 @@ if SIM:
         for e in range(CHUNK_BYTES // flat.dtype.itemsize):
             flat[int(i) + e] = src[int(j) + e]
 
+    def cp_async16_zfill(smem, i, src, j, nbytes):
+        flat = smem.reshape(-1)
+        size = flat.dtype.itemsize
+        for e in range(CHUNK_BYTES // size):
+            flat[int(i) + e] = src[int(j) + e] if (e + 1) * size <= int(nbytes) else 0
+
     def cp_async_commit():
         pass
 
@@ -390,6 +399,19 @@ else:
             gsrc = _global_address(context, builder, sig.args[2], args[2], sig.args[3], args[3])
             _call_asm(builder, ir.VoidType(), [dst, gsrc], "cp.async.cg.shared.global [$0], [$1], 16;",
                       "r,l,~{memory}", side_effect=True)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @intrinsic
+    def cp_async16_zfill(typingctx, smem, i, src, j, nbytes):
+        sig = types.void(smem, i, src, j, types.uint32)
+
+        def codegen(context, builder, sig, args):
+            dst = _shared_address(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            gsrc = _global_address(context, builder, sig.args[2], args[2], sig.args[3], args[3])
+            _call_asm(builder, ir.VoidType(), [dst, gsrc, args[4]], "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+                      "r,l,r,~{memory}", side_effect=True)
             return context.get_dummy_value()
 
         return sig, codegen

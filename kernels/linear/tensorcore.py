@@ -24,10 +24,12 @@ values, two mma k-steps per slice).
   n-contiguous rows otherwise), rows padded by 16 bytes (32 for TF32 m/n
   rows) so the 8 row addresses of an ``ldmatrix`` phase, and a TF32 warp's
   scalar fragment loads, hit distinct banks.
-- Global -> shared: 16-byte ``cp.async`` per chunk (no registers, L2 only)
-  when the chunk lies inside the operand and the operand is 16-byte aligned
-  with a leading dimension a multiple of 16 bytes; otherwise (ragged edges,
-  odd K) the chunk is loaded element by element, zeros past the edges.
+- Global -> shared: when both operands are 16-byte aligned with leading
+  dimensions a multiple of 16 bytes, one 16-byte ``cp.async`` per chunk (no
+  registers, L2 only) that reads only the bytes inside the operand and fills
+  the rest with zeros (ragged M, N, K). Otherwise (e.g. an odd K) a second copy
+  of the K loop loads element by element through registers, zeros past the
+  edges: correct for any shape, without the asynchronous overlap.
 - Pipeline: ``stages - 1`` slices in flight ahead of the one being multiplied;
   one ``cp.async.wait_group`` + ``syncthreads`` per slice.
 - Fragments: ``ldmatrix.x4`` from k-contiguous rows (any format; a TF32 row of
@@ -179,7 +181,6 @@ class MmaConfig:
 # Configurations, largest tile first. Static evidence only (ptxas, sm_90; not measured on a GPU).
 CONFIGS = (
     MmaConfig("mma128x128", 128, 128, 2, 4, stages=2),  # 256 threads, 64 x 32 warp tiles; 40 KiB shared
-    MmaConfig("mma128x64", 128, 64, 2, 2, stages=3),  # 128 threads, 64 x 32 warp tiles; 45 KiB shared
     MmaConfig("mma64x64", 64, 64, 2, 2, stages=4),  # 128 threads, 32 x 32 warp tiles; 40 KiB shared
     MmaConfig("mma32x32", 32, 32, 2, 2, stages=2),  # 128 threads, 16 x 16 warp tiles; small problems, sim tests
 )
@@ -284,10 +285,16 @@ class _Src:
         return "\n".join(self.lines) + "\n"
 
 
-def _emit_load(s: _Src, cfg: MmaConfig, kind: str, op: str, lay: _Layout, trans: bool, stage: str, kt: str):
-    """Copy slice ``kt`` of operand ``op`` into buffer ``stage``: 16-byte cp.async where the
-    chunk is inside the operand (and it is aligned), else element by element with zeros."""
-    ch = CHUNK // itemsize(kind)
+def _emit_load(s: _Src, cfg: MmaConfig, kind: str, op: str, lay: _Layout, trans: bool, stage: str, kt: str,
+               vec: bool):
+    """Copy slice ``kt`` of operand ``op`` into buffer ``stage``, zeros past the operand's edges.
+
+    ``vec``: one 16-byte cp.async per chunk, reading only the bytes inside the operand
+    (the operand is 16-byte aligned with a leading dimension a multiple of 16 bytes, so
+    every chunk's source is aligned). Otherwise element by element through registers.
+    """
+    isz = itemsize(kind)
+    ch = CHUNK // isz
     per_row = lay.cont // ch
     chunks = lay.rows * per_row
     bk = cfg.bk(kind)
@@ -306,11 +313,56 @@ def _emit_load(s: _Src, cfg: MmaConfig, kind: str, op: str, lay: _Layout, trans:
         s(f"gr = {op}_r0 + q // u64({per_row})")
         s(f"gc = {op}_c0 + (q % u64({per_row})) * u64({ch})")
         s(f"so = {op}_sb + (q // u64({per_row})) * u64({lay.stride}) + (q % u64({per_row})) * u64({ch})")
-        s(f"if {op}_vec and gr < {rb} and gc + u64({ch}) <= {cb}:")
-        s(f"    cp_async16({op}_s, so, {op}, gr * {ld} + gc)")
-        s("else:")
-        s(f"    for e in range(u64({ch})):")
-        s(f"        {op}_s[so + e] = {op}[gr * {ld} + gc + e] if gr < {rb} and gc + e < {cb} else zero")
+        if vec:
+            s("nb = u32(0)")
+            s(f"if gr < {rb} and gc < {cb}:")
+            s(f"    nb = u32(min({cb} - gc, u64({ch})) * u64({isz}))")
+            s(f"cp_async16_zfill({op}_s, so, {op}, gr * {ld} + gc if nb != u32(0) else u64(0), nb)")
+        else:
+            s(f"for e in range(u64({ch})):")
+            s(f"    {op}_s[so + e] = {op}[gr * {ld} + gc + e] if gr < {rb} and gc + e < {cb} else zero")
+
+
+def _emit_pipeline(s: _Src, cfg: MmaConfig, kind: str, a_lay: _Layout, b_lay: _Layout, trans_a: bool,
+                   trans_b: bool, vec: bool):
+    """The K loop: ``stages - 1`` slices in flight ahead of the one being multiplied (vec:
+    cp.async groups; otherwise the copies are synchronous and the barriers alone order them)."""
+    s(f"# Prologue: slices 0 .. {cfg.stages - 2} in flight" + (", one commit group each (empty past K)." if vec else "."))
+    s(f"for ps in range(u64({cfg.stages - 1})):")
+    s.depth += 1
+    s("if ps < ntiles:")
+    s.depth += 1
+    _emit_load(s, cfg, kind, "a", a_lay, trans_a, "ps", "ps", vec)
+    _emit_load(s, cfg, kind, "b", b_lay, trans_b, "ps", "ps", vec)
+    s.depth -= 1
+    if vec:
+        s("cp_async_commit()")
+    s.depth -= 1
+    s("for kt in range(ntiles):")
+    s.depth += 1
+    if vec:
+        s(f"# At most {cfg.stages - 2} groups still in flight: this thread's copies of slice kt have landed.")
+        s("cp_async_wait()")
+    s("# Every thread's copies of slice kt are visible, and every warp is done with slice kt - 1,")
+    s("# whose buffer the next copy overwrites.")
+    s("cuda.syncthreads()")
+    s(f"nk = kt + u64({cfg.stages - 1})")
+    s("if nk < ntiles:")
+    s.depth += 1
+    s(f"ns = nk % u64({cfg.stages})")
+    _emit_load(s, cfg, kind, "a", a_lay, trans_a, "ns", "nk", vec)
+    _emit_load(s, cfg, kind, "b", b_lay, trans_b, "ns", "nk", vec)
+    s.depth -= 1
+    if vec:
+        s("cp_async_commit()")
+    s(f"st = kt % u64({cfg.stages})")
+    s(f"a_base = st * u64({a_lay.size}) + a_lane")
+    s(f"b_base = st * u64({b_lay.size}) + b_lane")
+    for ks in range(cfg.bk(kind) // (8 if kind == "tf32" else 16)):
+        _emit_fragments(s, cfg, kind, a_lay, b_lay, ks)
+    s.depth -= 1
+    if vec:
+        s("cp_async_wait_all()")
 
 
 def _emit_fragments(s: _Src, cfg: MmaConfig, kind: str, a_lay: _Layout, b_lay: _Layout, ks: int):
@@ -412,38 +464,15 @@ def mma_source(cfg: MmaConfig, kind: str, trans_a: bool, trans_b: bool, ep: Epil
     for i in range(cfg.mi):
         for j in range(cfg.ni):
             s(f"c{i}_{j}_0 = c{i}_{j}_1 = c{i}_{j}_2 = c{i}_{j}_3 = fzero")
-    s(f"# Prologue: slices 0 .. {cfg.stages - 2} in flight, one commit group each (empty past K).")
-    s(f"for ps in range(u64({cfg.stages - 1})):")
+    s("# Both operands copyable 16 bytes at a time: the cp.async pipeline; else element by element.")
+    s("if a_vec and b_vec:")
     s.depth += 1
-    s("if ps < ntiles:")
+    _emit_pipeline(s, cfg, kind, a_lay, b_lay, trans_a, trans_b, True)
+    s.depth -= 1
+    s("else:")
     s.depth += 1
-    _emit_load(s, cfg, kind, "a", a_lay, trans_a, "ps", "ps")
-    _emit_load(s, cfg, kind, "b", b_lay, trans_b, "ps", "ps")
+    _emit_pipeline(s, cfg, kind, a_lay, b_lay, trans_a, trans_b, False)
     s.depth -= 1
-    s("cp_async_commit()")
-    s.depth -= 1
-    s("for kt in range(ntiles):")
-    s.depth += 1
-    s(f"# At most {cfg.stages - 2} groups still in flight: this thread's copies of slice kt have landed.")
-    s("cp_async_wait()")
-    s("# Every thread's copies of slice kt are visible, and every warp is done with slice kt - 1,")
-    s("# whose buffer the next copy overwrites.")
-    s("cuda.syncthreads()")
-    s(f"nk = kt + u64({cfg.stages - 1})")
-    s("if nk < ntiles:")
-    s.depth += 1
-    s(f"ns = nk % u64({cfg.stages})")
-    _emit_load(s, cfg, kind, "a", a_lay, trans_a, "ns", "nk")
-    _emit_load(s, cfg, kind, "b", b_lay, trans_b, "ns", "nk")
-    s.depth -= 1
-    s("cp_async_commit()")
-    s(f"st = kt % u64({cfg.stages})")
-    s(f"a_base = st * u64({a_lay.size}) + a_lane")
-    s(f"b_base = st * u64({b_lay.size}) + b_lane")
-    for ks in range(bk // (8 if kind == "tf32" else 16)):
-        _emit_fragments(s, cfg, kind, a_lay, b_lay, ks)
-    s.depth -= 1
-    s("cp_async_wait_all()")
     s("# Epilogue from the fragments: pair p is (mma row i, column j, half h): rows g (h = 0) or")
     s("# g + 8 (h = 1), columns 2t and 2t + 1. A rolled loop keeps one copy of the Philox code.")
     pairs = cfg.mi * cfg.ni * 2
@@ -468,7 +497,7 @@ def mma_source(cfg: MmaConfig, kind: str, trans_a: bool, trans_b: bool, ep: Epil
         "zero": storage_dtype(kind)(0), "fzero": np.float32(0),
         "mma": {"tf32": M.mma_tf32, "f16": M.mma_f16, "bf16": M.mma_bf16}[kind],
         "ldmatrix_x4": M.ldmatrix_x4, "ldmatrix_x4_trans": M.ldmatrix_x4_trans,
-        "cvt_tf32": M.cvt_tf32, "f32_bits": M.f32_bits, "cp_async16": M.cp_async16,
+        "cvt_tf32": M.cvt_tf32, "f32_bits": M.f32_bits, "cp_async16_zfill": M.cp_async16_zfill,
         "cp_async_commit": M.cp_async_commit, "cp_async_wait": M.make_cp_async_wait(cfg.stages - 2),
         "cp_async_wait_all": M.make_cp_async_wait(0), "store_pair": make_pair_store(ep, kind),
     }
@@ -571,15 +600,16 @@ def launch_mma(a, b, bias, y, zout, *, kind, trans_a=False, trans_b=False, ep: E
 
 
 def catalogue():
-    """KernelSpec entries: per configuration and format, the forward (NN, plain and the full
-    epilogue) and the two backward operand layouts (NT: g @ w.T, TN: x.T @ g)."""
+    """KernelSpec entries: per configuration and format, the forward with the full epilogue
+    (NN) and the two backward operand layouts (NT: g @ w.T, TN: x.T @ g); the largest
+    configuration also the plain forward (its main loop without the epilogue's registers)."""
     from ..catalogue import KernelSpec
 
     full = Epilogue("gelu", bias=True, dropout=True, save_preact=True)
-    variants = ((False, False, PLAIN, "NN"), (False, False, full, "NN"), (False, True, PLAIN, "NT"),
-                (True, False, PLAIN, "TN"))
+    variants = ((False, False, full, "NN"), (False, True, PLAIN, "NT"), (True, False, PLAIN, "TN"))
     for cfg in CONFIGS:
         for kind in KINDS:
-            for ta, tb, ep, tag in variants:
+            extra = ((False, False, PLAIN, "NN"),) if cfg is CONFIGS[0] else ()
+            for ta, tb, ep, tag in extra + variants:
                 yield KernelSpec(f"mma/{cfg.name}/{kind}/{tag}/{ep.tag}", kernel_source(cfg, kind, ta, tb, ep),
                                  signature(kind), main_loop=True, threads=cfg.threads)
