@@ -31,7 +31,9 @@ import concurrent.futures
 import dataclasses
 import difflib
 import hashlib
+import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -79,7 +81,9 @@ _DROPOUT_TESTS = (
     "tests/test_kernels_dropout.py::test_fused_backward_matches_reference",
     "tests/test_kernels_v1.py::test_dropout_v1_is_bit_exact",
     "tests/test_kernels_dropout.py",
-    "tests/test_boundaries.py",
+    "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_packed_mask_kernel",
+    "tests/test_boundaries.py::test_threshold_word_is_kept_by_linear_backward",
+    "tests/test_mutation_kills.py",
 )
 
 TARGETS = (
@@ -88,7 +92,8 @@ TARGETS = (
         ("=PHILOX_M0", "=PHILOX_M1", "=PHILOX_W0", "=PHILOX_W1", "=PHILOX_ROUNDS", "=_MASK32",
          "philox4x32_10", "philox_key", "dropout_threshold", "dropout_scale", "dropout_keep_mask", "dropout",
          "packed_size", "pack_mask", "unpack_mask", "linear", "linear_backward"),
-        ("tests/test_boundaries.py", "tests/test_reference.py", "tests/test_rng.py", "-m", "not kernels"),
+        ("tests/test_boundaries.py", "tests/test_reference.py", "tests/test_reference_precision.py",
+         "tests/test_mutation_kills.py", "-m", "not kernels"),
         lines=r"^(?!.*(check_|isinstance|raise |dtype !=|\.shape\b.* !=))",  # the math, not the argument checks
     ),
     Target(
@@ -96,7 +101,7 @@ TARGETS = (
         ("=M0", "=M1", "=W0", "=W1", "=MASK32", "=SHIFT32", "=TWO", "=THREE",
          "_round", "_bump", "philox4x32_10", "block_counter", "select_word", "element_word", "keep_word",
          "philox_block"),
-        ("tests/test_rng.py", "-m", "kernels", "tests/test_boundaries.py"),
+        ("tests/test_rng.py", "tests/test_boundaries.py", "-m", "kernels", "-k", "device_philox or standalone"),
     ),
     Target(
         "epilogue", "kernels/epilogue.py",
@@ -107,7 +112,7 @@ TARGETS = (
          "tests/test_kernels_matmul.py::test_forward_full_epilogue",
          "tests/test_kernels_matmul.py::test_every_activation_with_dropout",
          "tests/test_kernels_v1.py::test_linear_v1_save_preact",
-         "tests/test_boundaries.py"),
+         "tests/test_mutation_kills.py"),
     ),
     Target(
         "dropout", "kernels/dropout.py",
@@ -142,7 +147,7 @@ TARGETS = (
     Target(
         "layers", "gpufc/layers.py",
         ("_advance", "DropoutLayer.forward", "FullyConnectedLayer.forward"),
-        ("tests/test_layers.py", "-k", "offset or dropout"),
+        ("tests/test_layers.py", "tests/test_mutation_kills.py", "-k", "offset or dropout"),
         lines=r"offset|active",
     ),
 )
@@ -154,9 +159,25 @@ SANITY = (("reference", "PHILOX_M0 = 0xD2511F53", "PHILOX_M0 = 0xD2511F52"),
 
 # Survivors that cannot be observed: (target, function, original line, mutated line) -> reason.
 # Lines are stripped source lines; the report prints these keys for any new survivor.
+_LAST_BUMP = "a key bump after the last round: the key is not read after it"
+_SPARE_BLOCK = "one Philox block more than needed is drawn; the slice [start : start + size] drops its words"
+_NO_WRAP = "first_block < 2**62 (offset < 2**64), so % m is the identity for any m above it"
 EQUIVALENT = {
-    ("reference", "philox4x32_10", "if r + 1 < PHILOX_ROUNDS:", "if (r + 1) <= PHILOX_ROUNDS:"):
-        "one more key bump after the last round: the key is not read after it",
+    ("reference", "philox4x32_10", "if r + 1 < PHILOX_ROUNDS:", "if (r + 1) <= PHILOX_ROUNDS:"): _LAST_BUMP,
+    ("reference", "philox4x32_10", "if r + 1 < PHILOX_ROUNDS:", "if (r - 1) < PHILOX_ROUNDS:"): _LAST_BUMP,
+    ("reference", "philox4x32_10", "if r + 1 < PHILOX_ROUNDS:", "if r + 0 < PHILOX_ROUNDS:"): _LAST_BUMP,
+    ("reference", "dropout_keep_mask", "first_block, last_block = n0 // 4, (n0 + size - 1) // 4",
+     "first_block, last_block = n0 // 4, (((n0 + size) + 1)) // 4"): _SPARE_BLOCK,
+    ("reference", "dropout_keep_mask", "first_block, last_block = n0 // 4, (n0 + size - 1) // 4",
+     "first_block, last_block = n0 // 4, (n0 + size - 0) // 4"): _SPARE_BLOCK,
+    ("reference", "dropout_keep_mask",
+     "blocks = np.arange(last_block - first_block + 1, dtype=np.uint64) + np.uint64(first_block % 2**64)",
+     "blocks = np.arange(last_block - first_block + 2, dtype=np.uint64) + np.uint64(first_block % 2**64)"):
+        _SPARE_BLOCK,
+    **{("reference", "dropout_keep_mask",
+        "blocks = np.arange(last_block - first_block + 1, dtype=np.uint64) + np.uint64(first_block % 2**64)",
+        f"blocks = np.arange(last_block - first_block + 1, dtype=np.uint64) + np.uint64(first_block % {m})"):
+       _NO_WRAP for m in ("2**63", "2**65", "3**64")},
 }
 
 # ----------------------------------------------------------------------------
@@ -482,11 +503,53 @@ def _package_links(copy: Path):
             link.symlink_to((copy / where).resolve(), target_is_directory=True)
 
 
-class Worker:
-    """A private copy of the tree, its caches and its test environment."""
+# One per worker: imports the heavy third-party modules once (numpy, numba, numba.cuda, pytest, hypothesis:
+# about 80% of a test run's start-up), then forks a child per test run. gpufc and the tests are imported
+# in the child only, from the copy, so every run sees the file on disk now.
+_SERVER = r"""
+import json, os, resource, sys, traceback
+import numpy, numba, numba.cuda, pytest, hypothesis  # noqa: F401 -- preloaded for every child
+proto = os.fdopen(os.dup(1), "w", buffering=1)
+for line in sys.stdin:
+    req = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        rc = 99
+        try:
+            os.setpgid(0, 0)
+            limit = req["memory"]
+            resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))  # a mutant may ask for terabytes
+            fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1); os.dup2(fd, 2); os.close(fd)
+            rc = int(pytest.main(req["args"]))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(rc)
+    proto.write(json.dumps({"pid": pid}) + "\n")
+    _, status = os.waitpid(pid, 0)
+    proto.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
+"""
+MEMORY_LIMIT = 6 * 2**30  # bytes of data per test run
 
-    def __init__(self, base: Path, index: int, files: list[str]):
+
+def _uses_simulator() -> bool:
+    """As tests/conftest.py decides: the simulator unless asked otherwise and the driver reports a GPU."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return True
+    code = "from gpufc import backend; print(backend.driver_device_count())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    return not (out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout.strip()) > 0)
+
+
+class Worker:
+    """A private copy of the tree, its caches, its test environment and its fork server."""
+
+    def __init__(self, base: Path, index: int, files: list[str], sim: bool):
         self.copy = base / f"tree{index}"
+        self.log = base / f"run{index}.log"
         for rel in files:
             dst = self.copy / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -496,11 +559,29 @@ class Worker:
         self.env = dict(os.environ)
         for k in ("NUMBA_ENABLE_CUDASIM", "GPUFC_BACKEND"):  # tests/conftest.py decides, as in a plain run
             self.env.pop(k, None)
+        if sim:
+            self.env["NUMBA_ENABLE_CUDASIM"] = "1"  # what conftest would set, before the server imports numba
         self.env.update({
             "PYTHONPATH": str(self.copy), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
             "NUMBA_CACHE_DIR": str(caches / "numba"), "GPUFC_CACHE": "0", "GPUFC_CACHE_DIR": str(caches / "gpufc"),
             GUARD_ENV: "1",
         })
+        self.server = subprocess.Popen([sys.executable, "-c", _SERVER], cwd=self.copy, env=self.env,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.replies = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.server.stdout:
+            self.replies.put(json.loads(line))
+        self.replies.put({"eof": True})
+
+    def close(self):
+        self.server.stdin.close()
+        try:
+            self.server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
 
     def check_imports(self):
         code = "import gpufc, gpufc.kernels, gpufc.reference; print(gpufc.__file__); print(gpufc.kernels.__file__)"
@@ -511,6 +592,12 @@ class Worker:
             raise SystemExit(f"mutation: the copy at {self.copy} does not import its own gpufc: "
                              f"{out.stdout}{out.stderr}")
 
+    def _reply(self, timeout=None):
+        msg = self.replies.get(timeout=timeout)
+        if "eof" in msg:
+            raise SystemExit(f"mutation: the test server of {self.copy} died")
+        return msg
+
     def run(self, target: Target, text: str | None, timeout: float) -> tuple[str, float, str]:
         """Run ``target``'s tests with ``text`` as its file (None: unmutated). -> (outcome, seconds, tail)."""
         path = self.copy / target.path
@@ -518,28 +605,31 @@ class Worker:
         if text is not None:
             path.write_text(text)
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header",
-               "-o", "addopts=", "--strict-markers", *target.tests]
-        proc = subprocess.Popen(cmd, cwd=self.copy, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        args = ["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", "--strict-markers",
+                *target.tests]
         try:
-            out, _ = proc.communicate(timeout=timeout)
-            outcome = {0: "survived", 5: "error", 4: "error"}.get(proc.returncode, "killed")
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            outcome = "timeout"
+            self.server.stdin.write(json.dumps({"args": args, "log": str(self.log), "memory": MEMORY_LIMIT}) + "\n")
+            pid = self._reply(timeout=600)["pid"]
+            try:
+                rc = self._reply(timeout=timeout)["rc"]
+                outcome = {0: "survived", 5: "error", 4: "error"}.get(rc, "killed")
+            except queue.Empty:
+                os.killpg(pid, signal.SIGKILL)
+                self._reply()
+                outcome = "timeout"
         finally:
             if text is not None:
                 path.write_text(original)
-        return outcome, time.monotonic() - t0, "\n".join((out or "").splitlines()[-6:])
+        out = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return outcome, time.monotonic() - t0, "\n".join(out.splitlines()[-6:])
 
 
 class Pool:
     def __init__(self, n: int):
         self.base = Path(tempfile.mkdtemp(prefix="gpufc-mutation-"))
         files = _tree_files()
-        self.workers = [Worker(self.base, i, files) for i in range(n)]
+        sim = _uses_simulator()
+        self.workers = [Worker(self.base, i, files, sim) for i in range(n)]
         self.free = list(self.workers)
         self.lock = threading.Condition()
 
@@ -547,6 +637,8 @@ class Pool:
         return self
 
     def __exit__(self, *exc):
+        for w in self.workers:
+            w.close()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def run(self, target, text, timeout):
