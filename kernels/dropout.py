@@ -58,7 +58,7 @@ import numpy as np
 from numba import config, cuda, int64, uint8, uint32, uint64
 
 from .activations import make_activation
-from .launch import fast
+from .launch import fast, serialised_in_sim
 from .philox import THREE, TWO, keep_word, philox_block, select_word
 
 THREADS = 256  # per block; a multiple of the warp size
@@ -480,6 +480,7 @@ def _check_version(version):
 # ----------------------------------------------------------------------------
 
 
+@serialised_in_sim
 def launch_dropout(x, y, *, key, offset, threshold, scale, stream=0, version=2, vector=None,
                    blocks=None, threads=THREADS):
     """``y = dropout(x)`` on flat (n,) device arrays x, y, n > 0.
@@ -500,6 +501,7 @@ def launch_dropout(x, y, *, key, offset, threshold, scale, stream=0, version=2, 
     fast(kern)(grid, threads, stream, x, x, y, *args)
 
 
+@serialised_in_sim
 def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset, threshold, scale, stream=0,
                                 version=2, blocks=None, threads=THREADS):
     """``g = dropout'(grad) * act'(z)`` on flat (n,) device arrays, n > 0 (z unused without activation).
@@ -531,6 +533,7 @@ def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset,
     fast(kern)(grid, threads, stream, *args)
 
 
+@serialised_in_sim
 def launch_dropout_mask(mask, *, size, key, offset, threshold, stream=0, blocks=None, threads=THREADS):
     """Packed keep mask of ``size`` elements into ``mask`` (ceil(size / 8),) uint8 on the device."""
     nbytes = -(-size // MASK_BITS)

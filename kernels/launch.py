@@ -26,13 +26,45 @@ C-order slot is a :class:`LayoutError`, never passed on.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
+import threading
 
 import numba
 import numpy as np
 
 _FAST = os.environ.get("GPUFC_FAST_LAUNCH", "1") != "0"
+
+# Numba's CUDA simulator runs one kernel per process at a time: the running kernel's
+# fake ``cuda`` module is a module global, swapped into the kernel's globals, and the
+# grid is stored on the shared kernel object. Two threads launching at once (Dask's
+# threaded scheduler, a distributed worker) crash with "'Thread' object has no attribute
+# 'threadIdx'". Every simulated launch holds this lock; real GPU launches never take it.
+_SIM_LAUNCH_LOCK = threading.RLock()
+
+
+def launch_lock():
+    """The context every kernel launch runs in: the process-wide simulator lock when the
+    simulator is on, else a no-op (a real GPU takes concurrent launches from many threads)."""
+    return _SIM_LAUNCH_LOCK if numba.config.ENABLE_CUDASIM else contextlib.nullcontext()
+
+
+def serialised_in_sim(launcher):
+    """Decorator for a launcher (builds its kernel on first use, then launches): in the simulator
+    the whole call holds :func:`launch_lock`, because while a simulated kernel runs, the module
+    that defines it sees the simulator's fake ``cuda`` (no ``jit``), so a concurrent build there
+    fails. On a real GPU the launcher is returned unchanged (no cost per call)."""
+    if not numba.config.ENABLE_CUDASIM:
+        return launcher
+
+    @functools.wraps(launcher)
+    def locked(*args, **kwargs):
+        with _SIM_LAUNCH_LOCK:
+            return launcher(*args, **kwargs)
+
+    return locked
 
 
 class _Mismatch(Exception):
@@ -205,7 +237,8 @@ class FastKernel:
                 cufunc = self._kernel._codelibrary.get_cufunc()
                 self._launch(self._core_stream(stream), self._config(grid, block), cufunc.kernel, *kernelargs)
                 return
-        self.dispatcher[grid, block, stream](*args)
+        with launch_lock():
+            self.dispatcher[grid, block, stream](*args)
 
 
 _wrapped: dict = {}

@@ -44,7 +44,7 @@ import numpy as np
 from numba import cuda, uint32, uint64
 
 from .epilogue import PLAIN, Epilogue, make_epilogue
-from .launch import fast
+from .launch import fast, serialised_in_sim
 from .matmul_tiled import (
     CONFIGS,
     DTYPE_CONFIGS,
@@ -221,6 +221,7 @@ def resolve_config(config, m: int, n: int, k: int, dtype):
 U32_LIMIT = 2**32
 
 
+@serialised_in_sim
 def launch_matmul(a, b, bias, y, zout, *, trans_a=False, trans_b=False, ep: Epilogue = PLAIN,
                   key=(0, 0), offset=0, threshold=0, scale=0.0, config=None, stream=0):
     """Launch ``y = epilogue(op(a) @ op(b))`` on device arrays (Numba views, C-contiguous).
@@ -326,6 +327,7 @@ def make_bias_grad_kernel(dtype, version=2):
 BIAS_GRAD_THREADS = 128  # v1
 
 
+@serialised_in_sim
 def launch_bias_grad(g, out, *, stream=0, version=2):
     """``out (N,) = g (M, N).sum(0)``, N > 0 (M may be 0: the sum is then 0). ``version=1`` runs the baseline."""
     kern = make_bias_grad_kernel(np.dtype(g.dtype).type, version)
