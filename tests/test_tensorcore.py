@@ -404,3 +404,40 @@ def test_every_configuration_integer_tile(device_backend, rng, name, kind):
     b, bs = _draw(rng, kind, (n,), integer=True)
     y, _ = _launch_tc(kind, xs, ws, bs, m, n, ep=_epilogue("relu", bias=True), config=name)
     assert np.array_equal(y, _ref_linear(kind, x, w, b, activation="relu"))
+
+
+# ----------------------------------------------------------------------------
+# 16-bit backward helpers: g = dropout'(grad) * act'(z) and the bias gradient
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_act_dropout_backward16(device_backend, rng, kind, activation):
+    n, offset = 523, 5  # one block past the simulator's grid: the grid-stride loop wraps
+    grad, grad_bits = _draw(rng, kind, (n,))
+    z, z_bits = _draw(rng, kind, (n,))
+    g = cuda.device_array(n, np.uint16)
+    _tc().launch_act_dropout_backward16(cuda.to_device(grad_bits), cuda.to_device(z_bits), g, kind=kind,
+                                        activation=activation, dropout=True, key=(SEED & 0xFFFFFFFF, SEED >> 32),
+                                        offset=offset, threshold=ref.dropout_threshold(P),
+                                        scale=ref.dropout_scale(P, np.float32))
+    got = _to_values(kind, g.copy_to_host())
+    want = ref.dropout_backward(grad, P, seed=SEED, offset=offset)
+    if activation is not None:
+        want = want * ref.activation_grad(z, activation)
+    want = _round_out(kind, want)
+    keep = ref.dropout_keep_mask(n, P, SEED, offset)
+    assert np.array_equal(got != 0, keep & (want != 0)), f"{kind}: the mask differs"
+    eps = 2.0**-10 if kind == "f16" else 2.0**-7
+    _assert_within(kind, got, want, 2 * eps * np.abs(want) + 1e-30, f"{kind} {activation}")
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_bias_grad16(device_backend, rng, kind):
+    m, n = 37, 45
+    g, g_bits = _draw(rng, kind, (m, n), integer=True)
+    out = cuda.device_array(n, np.uint16)
+    _tc().launch_bias_grad16(cuda.to_device(g_bits), out, kind=kind)
+    # integer sums are exact in float32: one rounding, the same in both
+    assert np.array_equal(_to_values(kind, out.copy_to_host()), _round_out(kind, g.sum(axis=0)))

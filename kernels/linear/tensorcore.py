@@ -27,9 +27,9 @@ values, two mma k-steps per slice).
 - Global -> shared: when both operands are 16-byte aligned with leading
   dimensions a multiple of 16 bytes, one 16-byte ``cp.async`` per chunk (no
   registers, L2 only) that reads only the bytes inside the operand and fills
-  the rest with zeros (ragged M, N, K). Otherwise (e.g. an odd K) a second copy
-  of the K loop loads element by element through registers, zeros past the
-  edges: correct for any shape, without the asynchronous overlap.
+  the rest with zeros (ragged M, N, K). Otherwise (e.g. an odd K) a second,
+  single-buffered K loop loads element by element through registers, zeros
+  past the edges: correct for any shape, without the asynchronous overlap.
 - Pipeline: ``stages - 1`` slices in flight ahead of the one being multiplied;
   one ``cp.async.wait_group`` + ``syncthreads`` per slice.
 - Fragments: ``ldmatrix.x4`` from k-contiguous rows (any format; a TF32 row of
@@ -325,9 +325,25 @@ def _emit_load(s: _Src, cfg: MmaConfig, kind: str, op: str, lay: _Layout, trans:
 
 def _emit_pipeline(s: _Src, cfg: MmaConfig, kind: str, a_lay: _Layout, b_lay: _Layout, trans_a: bool,
                    trans_b: bool, vec: bool):
-    """The K loop: ``stages - 1`` slices in flight ahead of the one being multiplied (vec:
-    cp.async groups; otherwise the copies are synchronous and the barriers alone order them)."""
-    s(f"# Prologue: slices 0 .. {cfg.stages - 2} in flight" + (", one commit group each (empty past K)." if vec else "."))
+    """The K loop. vec: ``stages - 1`` slices in flight (cp.async groups) ahead of the one being
+    multiplied. Otherwise the copies go through registers, synchronously: one buffer, two barriers."""
+    steps = cfg.bk(kind) // (8 if kind == "tf32" else 16)
+    if not vec:
+        s("for kt in range(ntiles):")
+        s.depth += 1
+        _emit_load(s, cfg, kind, "a", a_lay, trans_a, "u64(0)", "kt", False)
+        _emit_load(s, cfg, kind, "b", b_lay, trans_b, "u64(0)", "kt", False)
+        s("# The slice must be complete before any warp reads it.")
+        s("cuda.syncthreads()")
+        s("a_base = a_lane")
+        s("b_base = b_lane")
+        for ks in range(steps):
+            _emit_fragments(s, cfg, kind, a_lay, b_lay, ks)
+        s("# Every warp must be done reading before the next slice overwrites the buffer.")
+        s("cuda.syncthreads()")
+        s.depth -= 1
+        return
+    s(f"# Prologue: slices 0 .. {cfg.stages - 2} in flight, one commit group each (empty past K).")
     s(f"for ps in range(u64({cfg.stages - 1})):")
     s.depth += 1
     s("if ps < ntiles:")
@@ -335,14 +351,12 @@ def _emit_pipeline(s: _Src, cfg: MmaConfig, kind: str, a_lay: _Layout, b_lay: _L
     _emit_load(s, cfg, kind, "a", a_lay, trans_a, "ps", "ps", vec)
     _emit_load(s, cfg, kind, "b", b_lay, trans_b, "ps", "ps", vec)
     s.depth -= 1
-    if vec:
-        s("cp_async_commit()")
+    s("cp_async_commit()")
     s.depth -= 1
     s("for kt in range(ntiles):")
     s.depth += 1
-    if vec:
-        s(f"# At most {cfg.stages - 2} groups still in flight: this thread's copies of slice kt have landed.")
-        s("cp_async_wait()")
+    s(f"# At most {cfg.stages - 2} groups still in flight: this thread's copies of slice kt have landed.")
+    s("cp_async_wait()")
     s("# Every thread's copies of slice kt are visible, and every warp is done with slice kt - 1,")
     s("# whose buffer the next copy overwrites.")
     s("cuda.syncthreads()")
@@ -353,16 +367,14 @@ def _emit_pipeline(s: _Src, cfg: MmaConfig, kind: str, a_lay: _Layout, b_lay: _L
     _emit_load(s, cfg, kind, "a", a_lay, trans_a, "ns", "nk", vec)
     _emit_load(s, cfg, kind, "b", b_lay, trans_b, "ns", "nk", vec)
     s.depth -= 1
-    if vec:
-        s("cp_async_commit()")
+    s("cp_async_commit()")
     s(f"st = kt % u64({cfg.stages})")
     s(f"a_base = st * u64({a_lay.size}) + a_lane")
     s(f"b_base = st * u64({b_lay.size}) + b_lane")
-    for ks in range(cfg.bk(kind) // (8 if kind == "tf32" else 16)):
+    for ks in range(steps):
         _emit_fragments(s, cfg, kind, a_lay, b_lay, ks)
     s.depth -= 1
-    if vec:
-        s("cp_async_wait_all()")
+    s("cp_async_wait_all()")
 
 
 def _emit_fragments(s: _Src, cfg: MmaConfig, kind: str, a_lay: _Layout, b_lay: _Layout, ks: int):
@@ -599,6 +611,93 @@ def launch_mma(a, b, bias, y, zout, *, kind, trans_a=False, trans_b=False, ep: E
     )
 
 
+# ----------------------------------------------------------------------------
+# 16-bit backward helpers: g = dropout'(grad) * act'(z), and the bias gradient
+# ----------------------------------------------------------------------------
+
+ELEMENTWISE_THREADS = 256
+
+
+@functools.cache
+def act_dropout_backward16_source(kind: str, activation, dropout: bool):
+    """``g[e] = dropout'(grad)[e] * act'(z[e])`` on flat (n,) uint16 arrays of ``kind`` (f16/bf16),
+    in float32, stored rounded once; element ``e``'s mask word is the contract's (offset + e)."""
+    _, dact = make_activation(activation, np.float32)
+    to32 = M.f16_to_f32 if kind == "f16" else M.bf16_to_f32
+    from32 = M.f32_to_f16 if kind == "f16" else M.f32_to_bf16
+    has_act = activation is not None
+    zero = np.float32(0)
+    try:
+        from ..dropout.philox import element_word
+    except ImportError:
+        from ..philox import element_word
+
+    def act_dropout_backward16(grad, z, g, k0, k1, offset, threshold, scale):
+        # grad, z, g are flat (n,) uint16 bit patterns; z is read only with an activation
+        start, step = cuda.grid(1), cuda.gridsize(1)
+        for e in range(start, g.size, step):
+            d = to32(grad[e])
+            if dropout:
+                word = element_word(offset + uint64(e), k0, k1)
+                d = d * scale if uint64(word) >= threshold else zero
+            if has_act:
+                d = d * dact(to32(z[e]))
+            g[e] = from32(d)
+
+    return act_dropout_backward16
+
+
+ACT_BWD16_SIG = "void(uint16[::1], uint16[::1], uint16[::1], uint32, uint32, uint64, uint64, float32)"
+
+
+@functools.cache
+def make_act_dropout_backward16(kind: str, activation, dropout: bool):
+    return cuda.jit(ACT_BWD16_SIG)(act_dropout_backward16_source(kind, activation, bool(dropout)))
+
+
+def launch_act_dropout_backward16(grad, z, g, *, kind, activation, dropout, key, offset, threshold, scale,
+                                  stream=0):
+    """``g = dropout'(grad) * act'(z)`` for 16-bit data (flat (n,) arrays, n > 0; ``z`` any array
+    of the same size when ``activation`` is None); dropout scale applied in float32."""
+    grad, z, g = (_as_storage(v, kind) for v in (grad, z, g))
+    kern = make_act_dropout_backward16(kind, activation, bool(dropout))
+    blocks = min(ceil_div(g.size, ELEMENTWISE_THREADS), 2 if M.SIM else 65535)
+    kern[blocks, ELEMENTWISE_THREADS, stream](grad, z, g, np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset),
+                                              np.uint64(threshold), np.float32(scale))
+
+
+@functools.cache
+def bias_grad16_source(kind: str):
+    to32 = M.f16_to_f32 if kind == "f16" else M.bf16_to_f32
+    from32 = M.f32_to_f16 if kind == "f16" else M.f32_to_bf16
+
+    def bias_grad16(g, out):
+        # g is (M, N), out (N,), uint16 bit patterns: out[j] = sum_i g[i, j], summed in float32
+        # and rounded once; one thread per column, consecutive threads on consecutive columns.
+        j = cuda.grid(1)
+        if j < out.size:
+            acc = np.float32(0)
+            for i in range(g.shape[0]):
+                acc += to32(g[i, j])
+            out[j] = from32(acc)
+
+    return bias_grad16
+
+
+BIAS_GRAD16_SIG = "void(uint16[:, ::1], uint16[::1])"
+
+
+@functools.cache
+def make_bias_grad16(kind: str):
+    return cuda.jit(BIAS_GRAD16_SIG)(bias_grad16_source(kind))
+
+
+def launch_bias_grad16(g, out, *, kind, stream=0):
+    """``out (N,) = g (M, N).sum(0)`` for 16-bit data, float32 sums, N > 0."""
+    g, out = _as_storage(g, kind), _as_storage(out, kind)
+    make_bias_grad16(kind)[ceil_div(out.size, 128), 128, stream](g, out)
+
+
 def catalogue():
     """KernelSpec entries: per configuration and format, the forward with the full epilogue
     (NN) and the two backward operand layouts (NT: g @ w.T, TN: x.T @ g); the largest
@@ -613,3 +712,8 @@ def catalogue():
             for ta, tb, ep, tag in extra + variants:
                 yield KernelSpec(f"mma/{cfg.name}/{kind}/{tag}/{ep.tag}", kernel_source(cfg, kind, ta, tb, ep),
                                  signature(kind), main_loop=True, threads=cfg.threads)
+    for kind in ("f16", "bf16"):
+        yield KernelSpec(f"tc_backward/act_dropout/{kind}/gelu+drop",
+                         act_dropout_backward16_source(kind, "gelu", True), ACT_BWD16_SIG,
+                         threads=ELEMENTWISE_THREADS)
+        yield KernelSpec(f"tc_backward/bias_grad/{kind}", bias_grad16_source(kind), BIAS_GRAD16_SIG, threads=128)
