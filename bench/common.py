@@ -1,7 +1,7 @@
 """Shared by the bench/ scripts: run them from the source tree without installing gpufc.
 
 The harness itself (timers, rows, environment capture, outputs) lives in
-:mod:`gpufc.bench`, so ``gpufc bench`` works from an installed package too;
+:mod:`gpufc.tools.bench`, so ``gpufc bench`` works from an installed package too;
 this module puts the source tree first on ``sys.path`` and re-exports it.
 
     python bench/bench_linear.py --quick            # any backend; see --help
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # this checkout's gpufc, not another installed copy
 
-from gpufc.bench import (
+from gpufc.tools.bench import (
     CudaTimer,
     HostTimer,
     Row,

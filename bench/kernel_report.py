@@ -9,11 +9,11 @@ disassembles the cubin with ``nvdisasm`` and prints:
 - theoretical occupancy on an H100 (65536 registers, 228 KiB shared memory,
   2048 threads and 32 blocks per SM; registers allocated per warp in units of
   256; 1 KiB of shared memory reserved per block): resident blocks and warps per
-  SM and the binding resource (:func:`gpufc.compile.occupancy`);
+  SM and the binding resource (:func:`gpufc.tools.compile.occupancy`);
 - for the matmul kernels, the main loop's instruction mix: the FMA share
   (FFMA/DFMA over all instructions) of the innermost loop holding the most FMA
   instructions, found from the backward branches of the SASS
-  (:func:`gpufc.compile.main_loop` documents the definition), with its
+  (:func:`gpufc.tools.compile.main_loop` documents the definition), with its
   shared loads (LDS, of which 128-bit), global loads and shared stores;
 - for the tensor-core kernels (``mma/...``), the whole kernel's HMMA, LDSM
   (ldmatrix) and LDGSTS (cp.async) counts and the main loop's HMMA share (the
@@ -55,7 +55,7 @@ def _specs():
     global _SPECS
     if _SPECS is None:
         _setup()
-        from gpufc import backend
+        from gpufc.runtime import backend
 
         _SPECS = backend.kernels().catalogue.specs()
     return _SPECS
@@ -63,7 +63,7 @@ def _specs():
 
 def report_row(index: int, cc: tuple[int, int]) -> dict:
     """Compile, assemble and analyse catalogue entry ``index`` for compute capability ``cc``."""
-    from gpufc import compile as C
+    from gpufc.tools import compile as C
 
     spec = _specs()[index]
     start = time.perf_counter()
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     arch = args.arch.removeprefix("sm_")
     cc = (int(arch[:-1]), int(arch[-1]))
     _setup()
-    from gpufc import compile as C
+    from gpufc.tools import compile as C
 
     if C.find_tool("ptxas") is None or C.find_tool("nvdisasm") is None:
         print("kernel_report: needs ptxas and nvdisasm (pip install nvidia-cuda-nvcc nvidia-cuda-nvdisasm)",

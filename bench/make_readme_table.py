@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import ROOT
 
-from gpufc.bench import load_rows, markdown_pivot
+from gpufc.tools.bench import load_rows, markdown_pivot
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 RESULTS = Path(ROOT) / "bench" / "results"

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
-    from gpufc import backend
+    from gpufc.runtime import backend
 
     if backend.get_backend() not in ("cuda", "sim"):
         print(f"sanitizer_check: needs the cuda (or sim) backend, got {backend.get_backend()!r}")
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         return plant_oob()
 
     import gpufc
-    from gpufc import bench as B
+    from gpufc.tools import bench as B
     from gpufc import reference as ref
 
     k = backend.kernels()
@@ -154,7 +154,7 @@ def plant_oob() -> int:
     """Write past the end of a 4-element device array: memcheck must count errors here, which
     shows that its "0 errors" on the real kernels covers Numba-compiled code."""
     global cuda
-    from gpufc import backend
+    from gpufc.runtime import backend
 
     cuda = backend.numba_cuda()
     kernel = cuda.jit("void(float32[::1])")(_write_past_end)

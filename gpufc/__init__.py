@@ -1,16 +1,16 @@
 """gpufc: fully connected layers and dropout as handwritten Numba CUDA kernels.
 
 ``import gpufc`` is cheap and works without a GPU or CuPy: the backend
-(``cuda``, ``sim`` or ``cpu``; see :mod:`gpufc.backend`) is chosen on first use.
+(``cuda``, ``sim`` or ``cpu``; see :mod:`gpufc.runtime.backend`) is chosen on first use.
 """
 
 from . import reference
-from .backend import backend_info, get_backend, set_backend
+from .runtime.backend import backend_info, get_backend, set_backend
 from .functional import dropout, dropout_backward, linear, linear_backward, linear_forward
-from .layers import CheckpointError, DropoutLayer, FullyConnectedLayer, Module, Sequential
-from .losses import SoftmaxCrossEntropy, softmax_cross_entropy
+from .nn.layers import CheckpointError, DropoutLayer, FullyConnectedLayer, Module, Sequential
+from .nn.losses import SoftmaxCrossEntropy, softmax_cross_entropy
 from .masks import dropout_mask, dropout_with_mask, pack_mask, unpack_mask
-from .optim import SGD, Adam
+from .nn.optim import SGD, Adam
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .bench import cmd_bench  # light at import: numpy and the standard library
+from .tools.bench import cmd_bench  # light at import: numpy and the standard library
 from .train import cmd_train
 from .tune import cmd_tune  # light at import: the standard library
 
@@ -20,7 +20,7 @@ DEMO_SEED = 2024
 
 
 def cmd_info(args) -> int:
-    from .backend import backend_info
+    from .runtime.backend import backend_info
     from .envcheck import report
 
     for key, value in backend_info().items():

@@ -28,9 +28,9 @@ import math
 
 import numpy as np
 
-from . import backend as _backend
+from .runtime import backend as _backend
 from . import reference as _ref
-from . import transfer as _tx
+from .runtime import transfer as _tx
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -143,7 +143,7 @@ def _epilogue(activation, bias: bool, dropout: bool, save: bool):
     key = (activation, bias, dropout, save)
     ep = _cache.get(key)
     if ep is None:
-        ep = _cache[key] = _kernels().epilogue.Epilogue(activation, bias, dropout, save)
+        ep = _cache[key] = _kernels().linear.epilogue.Epilogue(activation, bias, dropout, save)
     return ep
 
 
@@ -167,7 +167,7 @@ def forward_device(xv, wv, bv, rows: int, n: int, dtype, activation, drop: Dropo
     yv, yh = _tx.empty((rows, n), dtype)
     zv, zh = _tx.empty((rows, n), dtype) if save else (yv, None)
     ep = _epilogue(activation, bv is not None, drop.active, save)
-    k.matmul.launch_matmul(xv, wv, _dummy_bias(dtype) if bv is None else bv, yv, zv, ep=ep, stream=stream,
+    k.linear.launch_matmul(xv, wv, _dummy_bias(dtype) if bv is None else bv, yv, zv, ep=ep, stream=stream,
                            **drop.kernel_args(dtype))
     return yh, (zv if save else None), zh
 
@@ -198,14 +198,14 @@ def backward_device(xv, wv, gov, zv, rows: int, k: int, n: int, dtype, activatio
     if need_x:
         gxv, gxh = _tx.empty((rows, k), dtype)
         # grad_x = g @ w.T: w is read in its stored (K, N) layout as the (N, K) operand.
-        kk.matmul.launch_matmul(g2, wv, dummy, gxv, gxv, trans_b=True, stream=stream)
+        kk.linear.launch_matmul(g2, wv, dummy, gxv, gxv, trans_b=True, stream=stream)
     gwv, gwh = _tx.empty((k, n), dtype)
     # grad_w = x.T @ g: x is read in its stored (M, K) layout as the (K, M) operand.
-    kk.matmul.launch_matmul(xv, g2, dummy, gwv, gwv, trans_a=True, stream=stream)
+    kk.linear.launch_matmul(xv, g2, dummy, gwv, gwv, trans_a=True, stream=stream)
     gbh = None
     if need_b:
         gbv, gbh = _tx.empty((n,), dtype)
-        kk.matmul.launch_bias_grad(g2, gbv, stream=stream)
+        kk.linear.launch_bias_grad(g2, gbv, stream=stream)
     return gxh, gwh, gbh
 
 

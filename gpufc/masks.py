@@ -26,9 +26,9 @@ import math
 
 import numpy as np
 
-from . import backend as _backend
+from .runtime import backend as _backend
 from . import reference as _ref
-from . import transfer as _tx
+from .runtime import transfer as _tx
 
 
 def _shape(shape) -> tuple:

@@ -24,10 +24,10 @@ import time
 
 import numpy as np
 
-from . import backend as _backend
-from .layers import FullyConnectedLayer, Sequential
-from .losses import softmax_cross_entropy
-from .optim import SGD, Adam
+from .runtime import backend as _backend
+from .nn.layers import FullyConnectedLayer, Sequential
+from .nn.losses import softmax_cross_entropy
+from .nn.optim import SGD, Adam
 
 DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 2e-3, "optimizer": "adam", "momentum": 0.9, "hidden": 128,
             "dropout": 0.1, "seed": 0}

@@ -199,7 +199,7 @@ def time_problem(m: int, n: int, k: int, dtype, layout: str = "NN", repeats: int
     import numpy as np
 
     from . import backend
-    from .kernels import epilogue as E
+    from .kernels.linear import epilogue as E
     from .kernels.linear import v3_pipelined as v3
     from .kernels.linear.configs import config_by_name
 

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import pytest
 
-from gpufc import backend as _backend
+from gpufc.runtime import backend as _backend
 
 ON_GPU = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0") and _backend.driver_device_count() > 0
 DEVICE_BACKEND = "cuda" if ON_GPU else "sim"

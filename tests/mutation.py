@@ -97,14 +97,14 @@ TARGETS = (
         lines=r"^(?!.*(check_|isinstance|raise |dtype !=|\.shape\b.* !=))",  # the math, not the argument checks
     ),
     Target(
-        "philox", "kernels/philox.py",
+        "philox", "kernels/dropout/philox.py",
         ("=M0", "=M1", "=W0", "=W1", "=MASK32", "=SHIFT32", "=TWO", "=THREE",
          "_round", "_bump", "philox4x32_10", "block_counter", "select_word", "element_word", "keep_word",
          "philox_block"),
         ("tests/test_rng.py", "tests/test_boundaries.py", "-m", "kernels", "-k", "device_philox or standalone"),
     ),
     Target(
-        "epilogue", "kernels/epilogue.py",
+        "epilogue", "kernels/linear/epilogue.py",
         ("make_element_store", "make_epilogue", "words4", "make_group_store", "=_ONE"),
         ("tests/test_boundaries.py::test_threshold_word_is_kept_by_the_fused_epilogue",
          "tests/test_kernels_matmul.py::test_fused_dropout_mask_is_bit_exact",
@@ -114,25 +114,46 @@ TARGETS = (
          "tests/test_kernels_v1.py::test_linear_v1_save_preact",
          "tests/test_mutation_kills.py"),
     ),
+    Target("dropout_v1", "kernels/dropout/v1.py", ("dropout_v1_source", "act_dropout_backward_source"),
+           _DROPOUT_TESTS),
+    Target("dropout_v2", "kernels/dropout/v2.py", ("=GROUP", "_group_io", "act_dropout_backward_v2_source"),
+           _DROPOUT_TESTS),
+    Target("dropout_mask", "kernels/dropout/mask.py", ("=GROUP", "=MASK_BITS", "dropout_mask_source"),
+           _DROPOUT_TESTS),
+    Target("dropout_launch", "kernels/dropout/__init__.py",
+           ("vector_ok", "launch_dropout", "launch_act_dropout_backward", "launch_dropout_mask"), _DROPOUT_TESTS),
     Target(
-        "dropout", "kernels/dropout.py",
-        ("=GROUP", "=MASK_BITS", "dropout_v1_source", "act_dropout_backward_source", "_group_io",
-         "act_dropout_backward_v2_source", "dropout_mask_source", "vector_ok",
-         "launch_dropout", "launch_act_dropout_backward", "launch_dropout_mask"),
-        _DROPOUT_TESTS,
-    ),
-    Target(
-        "matmul_v1", "kernels/matmul.py",
-        ("ceil_div", "V1Config.grid", "_v1_source", "launch_matmul", "bias_grad_v1_source", "bias_grad_v2_source",
-         "launch_bias_grad"),
+        "matmul_configs", "kernels/linear/configs.py",
+        ("ceil_div", "V1Config.grid", "TileConfig.gm", "TileConfig.gn", "TileConfig.grid"),
         ("tests/test_kernels_v1.py::test_linear_v1_matches_reference",
          "tests/test_kernels_matmul.py::test_bias_grad_v2",
          "tests/test_kernels_v1.py", "tests/test_kernels_matmul.py::test_v1_still_selectable",
-         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero"),
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero", "tests/test_kernels_matmul.py::test_awkward_shapes_every_layout",
+         "tests/test_kernels_matmul.py::test_forward_plain",
+         "tests/test_kernels_matmul.py::test_grad_x_layout_nt",
+         "tests/test_kernels_matmul.py::test_grad_w_layout_tn",
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero",
+         "tests/test_kernels_matmul.py::test_forward_full_epilogue",
+         "tests/test_kernels_matmul.py::test_fused_mask_every_config"),
     ),
+    Target("matmul_v1", "kernels/linear/v1_shared.py", ("_v1_source",),
+           ("tests/test_kernels_v1.py::test_linear_v1_matches_reference",
+         "tests/test_kernels_matmul.py::test_bias_grad_v2",
+         "tests/test_kernels_v1.py", "tests/test_kernels_matmul.py::test_v1_still_selectable",
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero")),
+    Target("matmul_launch", "kernels/linear/__init__.py", ("launch_matmul",),
+           ("tests/test_kernels_v1.py::test_linear_v1_matches_reference",
+         "tests/test_kernels_matmul.py::test_bias_grad_v2",
+         "tests/test_kernels_v1.py", "tests/test_kernels_matmul.py::test_v1_still_selectable",
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero")),
+    Target("bias_grad", "kernels/linear/bias_grad.py", ("bias_grad_v1_source", "bias_grad_v2_source", "launch_bias_grad"),
+           ("tests/test_kernels_v1.py::test_linear_v1_matches_reference",
+         "tests/test_kernels_matmul.py::test_bias_grad_v2",
+         "tests/test_kernels_v1.py", "tests/test_kernels_matmul.py::test_v1_still_selectable",
+         "tests/test_kernels_matmul.py::test_k_zero_gives_the_epilogue_of_zero")),
     Target(
-        "matmul_v2", "kernels/matmul_tiled.py",
-        ("ceil_div", "TileConfig.gm", "TileConfig.gn", "TileConfig.grid", "_thread_offsets", "_loader",
+        "matmul_v2", "kernels/linear/v2_register_tiled.py",
+        ("_thread_offsets", "_loader",
          "_emit_operand_setup", "_emit_loop_loads", "_emit_stores", "tiled_source"),
         ("tests/test_kernels_matmul.py::test_awkward_shapes_every_layout",
          "tests/test_kernels_matmul.py::test_forward_plain",
@@ -145,7 +166,7 @@ TARGETS = (
         python_drops=False,
     ),
     Target(
-        "layers", "gpufc/layers.py",
+        "layers", "gpufc/nn/layers.py",
         ("_advance", "DropoutLayer.forward", "FullyConnectedLayer.forward"),
         ("tests/test_layers.py", "tests/test_mutation_kills.py", "-k", "offset or dropout"),
         lines=r"offset|active",
@@ -539,7 +560,7 @@ def _uses_simulator() -> bool:
     """As tests/conftest.py decides: the simulator unless asked otherwise and the driver reports a GPU."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         return True
-    code = "from gpufc import backend; print(backend.driver_device_count())"
+    code = "from gpufc.runtime import backend; print(backend.driver_device_count())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     return not (out.returncode == 0 and out.stdout.strip().isdigit() and int(out.stdout.strip()) > 0)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import DEVICE_BACKEND, ON_GPU
 
-from gpufc import bench as B
+from gpufc.tools import bench as B
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -116,7 +116,7 @@ def test_gpu_check_without_a_gpu_degrades_and_writes_its_files(tmp_path):
 
 @pytest.mark.reference
 def test_static_report_absent_and_present(tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "source_root", lambda: tmp_path)
+    monkeypatch.setattr(B.report, "source_root", lambda: tmp_path)
     assert B.static_report(tmp_path, log=lambda m: None)["status"] == "unavailable"
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "kernel_report.py").write_text(

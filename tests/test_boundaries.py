@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import gpufc
-from gpufc import backend
+from gpufc.runtime import backend
 from gpufc import reference as ref
 
 SEED = 0x0123456789ABCDEF  # both key words non-zero
@@ -90,7 +90,7 @@ def route_dropout_to_v1(monkeypatch):
 
 
 def route_matmul_to_v1(monkeypatch):
-    mod = _kernel_module("choose_config", "V1")
+    mod = backend.kernels().linear.configs
     monkeypatch.setattr(mod, "choose_config", lambda *args, **kwargs: mod.V1)
 
 

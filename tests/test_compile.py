@@ -13,7 +13,8 @@ pytestmark = pytest.mark.compile
 
 _SCRIPT = r"""
 import json, sys
-from gpufc import backend, compile as C
+from gpufc.runtime import backend
+from gpufc.tools import compile as C
 try:
     k = backend.kernels()
     specs = k.catalogue.specs()
@@ -41,7 +42,7 @@ def row(job):
 jobs = [(i, cc) for cc in ((8, 0), (9, 0)) for i in range(len(specs)) if specs[i].archs is None or cc in specs[i].archs]
 with concurrent.futures.ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
     rows = list(pool.map(row, jobs))  # forked workers inherit specs
-from gpufc.kernels.matmul_tiled import PREFERRED
+from gpufc.kernels.linear.configs import PREFERRED
 import numpy as np
 print(json.dumps({"rows": rows, "jobs": len(jobs), "disassembled": disassemble,
                   "large": PREFERRED[np.dtype(np.float32)][0]}))
@@ -86,7 +87,7 @@ def test_registers_fit_a_full_block(compiled):
 def test_large_tile_main_loop_is_fma_bound(compiled):
     # The preferred large tile's K loop (PREFERRED's first float32 entry), every layout and
     # epilogue: >= 80% of its SASS instructions are
-    # FFMA (gpufc.compile.main_loop defines the loop); below that the issue slots, not the
+    # FFMA (gpufc.tools.compile.main_loop defines the loop); below that the issue slots, not the
     # FMA units, bound it.
     if not compiled["disassembled"]:
         pytest.skip("nvdisasm not found (pip install nvidia-cuda-nvdisasm)")

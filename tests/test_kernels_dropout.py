@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gpufc
-from gpufc import backend
+from gpufc.runtime import backend
 from gpufc import reference as ref
 
 pytestmark = pytest.mark.kernels

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import assert_close, tolerance
 
-from gpufc import backend as _backend
+from gpufc.runtime import backend as _backend
 from gpufc import reference as ref
 
 pytestmark = pytest.mark.kernels
@@ -30,7 +30,7 @@ def _mods():
     _backend.kernels()  # the backend (and the simulator switch) before the kernel modules
     v3 = importlib.import_module("gpufc.kernels.linear.v3_pipelined")
     sk = importlib.import_module("gpufc.kernels.linear.splitk")
-    ep = importlib.import_module("gpufc.kernels.epilogue")
+    ep = importlib.import_module("gpufc.kernels.linear.epilogue")
     return v3, sk, ep
 
 

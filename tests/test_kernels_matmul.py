@@ -1,4 +1,4 @@
-"""Kernels tier: the version-2 register-tiled matmul (kernels.matmul_tiled) and the
+"""Kernels tier: the version-2 register-tiled matmul (kernels.linear.v2_register_tiled) and the
 v2 bias-gradient reduction, against gpufc.reference, on the GPU or in the simulator.
 
 Every configuration x dtype it serves runs the forward (plain and the full
@@ -16,7 +16,7 @@ from conftest import requires_gpu
 from helpers import assert_close, numeric_grad, tolerance
 
 import gpufc
-from gpufc import backend as _backend
+from gpufc.runtime import backend as _backend
 from gpufc import reference as ref
 
 pytestmark = pytest.mark.kernels
@@ -30,8 +30,8 @@ def _kernels():
 
 
 def _cases(table: str):
-    """(config name, dtype) for every configuration in the dtype's ``table`` (of kernels.matmul_tiled)."""
-    from gpufc.kernels import matmul_tiled
+    """(config name, dtype) for every configuration in the dtype's ``table`` (of kernels.linear.v2_register_tiled)."""
+    from gpufc.kernels.linear import configs as matmul_tiled
 
     return [(name, np.dtype(dt).type) for dt, names in getattr(matmul_tiled, table).items() for name in names]
 
@@ -45,7 +45,7 @@ CHOSEN_IDS = [f"{name}-{np.dtype(dt).name}" for name, dt in CHOSEN]
 
 
 def _cfg(name):
-    return _kernels().matmul.config_by_name(name)
+    return _kernels().linear.config_by_name(name)
 
 
 def _launch(a, b, bias, m, n, dtype, *, ep, trans_a=False, trans_b=False, config, p=P, seed=SEED, offset=0):
@@ -54,7 +54,7 @@ def _launch(a, b, bias, m, n, dtype, *, ep, trans_a=False, trans_b=False, config
     k = _kernels()
     y = cuda.device_array((m, n), dtype)
     z = cuda.device_array((m, n), dtype) if ep.save_preact else y
-    k.matmul.launch_matmul(
+    k.linear.launch_matmul(
         cuda.to_device(a), cuda.to_device(b), cuda.to_device(bias), y, z, trans_a=trans_a, trans_b=trans_b,
         ep=ep, key=(seed & 0xFFFFFFFF, seed >> 32), offset=offset, threshold=ref.dropout_threshold(p),
         scale=ref.dropout_scale(p, dtype), config=config,
@@ -85,7 +85,7 @@ def test_forward_plain(device_backend, rng, name, dtype):
     # one more row than a tile, a ragged column tile, K = one slice + a ragged remainder
     m, k, n = cfg.bm + 1, cfg.bk + 3, cfg.bn - 3
     x, w, b = _data(rng, m, k, n, dtype)
-    ep = _kernels().epilogue.PLAIN
+    ep = _kernels().linear.epilogue.PLAIN
     y, _ = _launch(x, w, b, m, n, dtype, ep=ep, config=name)
     rtol, atol = tolerance(dtype, k)
     assert_close(y, ref.linear(*_f64(x, w)), rtol=rtol, atol=atol, what=f"{name} x @ w")
@@ -97,7 +97,7 @@ def test_forward_full_epilogue(device_backend, rng, name, dtype):
     # N odd and offset 3: most runs of 4 outputs straddle two Philox blocks
     m, k, n, offset = cfg.bm - 5, 2 * cfg.bk + 1, cfg.bn + 3, 3
     x, w, b = _data(rng, m, k, n, dtype)
-    ep = _kernels().epilogue.Epilogue("gelu", bias=True, dropout=True, save_preact=True)
+    ep = _kernels().linear.epilogue.Epilogue("gelu", bias=True, dropout=True, save_preact=True)
     y, z = _launch(x, w, b, m, n, dtype, ep=ep, config=name, offset=offset)
     x64, w64, b64 = _f64(x, w, b)
     rtol, atol = tolerance(dtype, k)
@@ -115,7 +115,7 @@ def test_grad_x_layout_nt(device_backend, rng, name, dtype):
     m, k, n = cfg.bm - 1, 5, cfg.bn - 1  # K below one slice
     g = rng.standard_normal((m, k)).astype(dtype)
     w = rng.standard_normal((n, k)).astype(dtype)  # stored (N, K): used transposed
-    y, _ = _launch(g, w, np.zeros(n, dtype), m, n, dtype, ep=_kernels().epilogue.PLAIN, trans_b=True, config=name)
+    y, _ = _launch(g, w, np.zeros(n, dtype), m, n, dtype, ep=_kernels().linear.epilogue.PLAIN, trans_b=True, config=name)
     rtol, atol = tolerance(dtype, k)
     assert_close(y, g.astype(np.float64) @ w.astype(np.float64).T, rtol=rtol, atol=atol, what=f"{name} g @ w.T")
 
@@ -127,7 +127,7 @@ def test_grad_w_layout_tn(device_backend, rng, name, dtype):
     m, k, n = cfg.bm + 2, cfg.bk, cfg.bn - 7  # K exactly one slice
     xs = rng.standard_normal((k, m)).astype(dtype)  # stored (K, M): used transposed
     g = rng.standard_normal((k, n)).astype(dtype)
-    y, _ = _launch(xs, g, np.zeros(n, dtype), m, n, dtype, ep=_kernels().epilogue.PLAIN, trans_a=True, config=name)
+    y, _ = _launch(xs, g, np.zeros(n, dtype), m, n, dtype, ep=_kernels().linear.epilogue.PLAIN, trans_a=True, config=name)
     rtol, atol = tolerance(dtype, k)
     assert_close(y, xs.astype(np.float64).T @ g.astype(np.float64), rtol=rtol, atol=atol, what=f"{name} x.T @ g")
 
@@ -148,7 +148,7 @@ def test_awkward_shapes_every_layout(device_backend, rng, m, k, n, layout):
     x, w, _ = _data(rng, m, k, n, dtype)
     a = x.T.copy() if layout[0] == "T" else x
     b = w.T.copy() if layout[1] == "T" else w
-    y, _ = _launch(a, b, np.zeros(n, dtype), m, n, dtype, ep=_kernels().epilogue.PLAIN,
+    y, _ = _launch(a, b, np.zeros(n, dtype), m, n, dtype, ep=_kernels().linear.epilogue.PLAIN,
                    trans_a=layout[0] == "T", trans_b=layout[1] == "T", config=SMALL)
     rtol, atol = tolerance(dtype, k)
     assert_close(y, ref.linear(*_f64(x, w)), rtol=rtol, atol=atol, what=f"{layout} {m}x{k}x{n}")
@@ -158,7 +158,7 @@ def test_k_zero_gives_the_epilogue_of_zero(device_backend):
     # K = 0: op(a) @ op(b) is the zero matrix, so y = dropout(act(0 + b)).
     m, n = 5, 6
     b = np.linspace(-1, 1, n).astype(np.float32)
-    ep = _kernels().epilogue.Epilogue("sigmoid", bias=True, dropout=True)
+    ep = _kernels().linear.epilogue.Epilogue("sigmoid", bias=True, dropout=True)
     y, _ = _launch(np.zeros((m, 0), np.float32), np.zeros((0, n), np.float32), b, m, n, np.float32,
                    ep=ep, config=SMALL, offset=1)
     want = ref.linear(np.zeros((m, 0)), np.zeros((0, n)), b.astype(np.float64), activation="sigmoid",
@@ -170,7 +170,7 @@ def test_k_zero_gives_the_epilogue_of_zero(device_backend):
 def test_every_activation_with_dropout(device_backend, rng, activation):
     m, k, n, dtype = 9, 7, 11, np.float32
     x, w, b = _data(rng, m, k, n, dtype)
-    ep = _kernels().epilogue.Epilogue(activation, bias=True, dropout=True)
+    ep = _kernels().linear.epilogue.Epilogue(activation, bias=True, dropout=True)
     y, _ = _launch(x, w, b, m, n, dtype, ep=ep, config=SMALL, offset=2)
     want = ref.linear(*_f64(x, w, b), activation=activation, dropout_p=P, seed=SEED, offset=2)
     rtol, atol = tolerance(dtype, k)
@@ -184,7 +184,7 @@ def test_fused_dropout_mask_is_bit_exact(device_backend, offset, n):
     # so y is exactly scale where kept and exactly 0 where dropped: the mask, bit for bit.
     # n = 8 with offset % 4 == 0 takes the one-block path for every run of 4; the rest straddle.
     m, k, p = 37, 3, 0.4
-    ep = _kernels().epilogue.Epilogue(None, bias=True, dropout=True)
+    ep = _kernels().linear.epilogue.Epilogue(None, bias=True, dropout=True)
     y, _ = _launch(np.zeros((m, k), np.float32), np.ones((k, n), np.float32), np.ones(n, np.float32), m, n,
                    np.float32, ep=ep, config=SMALL, p=p, seed=77, offset=offset)
     keep = ref.dropout_keep_mask((m, n), p, 77, offset)
@@ -198,7 +198,7 @@ def test_fused_mask_every_config(device_backend, name, dtype):
     # y == scale * gelu(1) where kept and 0 where dropped.
     cfg = _cfg(name)
     m, k, n, offset = cfg.bm + 1, 2, cfg.bn - 1, 2**32 + 1
-    ep = _kernels().epilogue.Epilogue("gelu", bias=True, dropout=True, save_preact=True)
+    ep = _kernels().linear.epilogue.Epilogue("gelu", bias=True, dropout=True, save_preact=True)
     y, z = _launch(np.zeros((m, k), dtype), np.ones((k, n), dtype), np.ones(n, dtype), m, n, dtype,
                    ep=ep, config=name, offset=offset)
     keep = ref.dropout_keep_mask((m, n), P, SEED, offset)
@@ -216,7 +216,7 @@ def test_fused_mask_every_config(device_backend, name, dtype):
 
 
 def test_choose_config_prefers_big_tiles_for_big_problems(device_backend):
-    mm = _kernels().matmul
+    mm = _kernels().linear
     assert mm.choose_config(4096, 4096, 4096, np.float32).name == mm.PREFERRED[np.dtype(np.float32)][0]
     small = mm.choose_config(64, 64, 4096, np.float32)
     assert small.bm * small.bn < 128 * 128
@@ -228,7 +228,7 @@ def test_choose_config_prefers_big_tiles_for_big_problems(device_backend):
 
 
 def test_config_by_name_and_errors(device_backend):
-    mm = _kernels().matmul
+    mm = _kernels().linear
     for cfg in mm.CONFIGS:
         assert mm.config_by_name(cfg.name) is cfg
         assert cfg.threads == (cfg.bm // cfg.tm) * (cfg.bn // cfg.tn)
@@ -240,7 +240,7 @@ def test_config_by_name_and_errors(device_backend):
 def test_v1_still_selectable(device_backend, rng):
     m, k, n = 17, 5, 9
     x, w, b = _data(rng, m, k, n, np.float64)
-    y, _ = _launch(x, w, b, m, n, np.float64, ep=_kernels().epilogue.Epilogue(None, bias=True), config="v1_t16")
+    y, _ = _launch(x, w, b, m, n, np.float64, ep=_kernels().linear.epilogue.Epilogue(None, bias=True), config="v1_t16")
     assert_close(y, ref.linear(x, w, b), rtol=1e-12, atol=1e-12)
 
 
@@ -255,7 +255,7 @@ def test_bias_grad_v2(device_backend, rng, dtype, m, n):
     cuda = _backend.numba_cuda()
     g = rng.standard_normal((m, n)).astype(dtype)
     out = cuda.device_array(n, dtype)
-    _kernels().matmul.launch_bias_grad(cuda.to_device(g) if m else cuda.device_array((0, n), dtype), out)
+    _kernels().linear.launch_bias_grad(cuda.to_device(g) if m else cuda.device_array((0, n), dtype), out)
     rtol, atol = tolerance(dtype, m)
     assert_close(out.copy_to_host(), g.astype(np.float64).sum(0), rtol=rtol, atol=atol, what="column sums")
 
@@ -304,7 +304,7 @@ def test_rows_beyond_the_grid_y_limit(device_backend, rng):
     # 65537 row tiles of t32x32: row tiles live on grid.x, whose limit is 2**31 - 1.
     m, k, n = 65536 * 32 + 5, 3, 5
     x, w, b = _data(rng, m, k, n, np.float32)
-    ep = _kernels().epilogue.Epilogue(None, bias=True, dropout=True)
+    ep = _kernels().linear.epilogue.Epilogue(None, bias=True, dropout=True)
     y, _ = _launch(x, w, b, m, n, np.float32, ep=ep, config=SMALL, offset=7)
     want = ref.linear(*_f64(x, w, b), dropout_p=P, seed=SEED, offset=7)
     assert_close(y, want, rtol=1e-5, atol=1e-5)
@@ -322,9 +322,9 @@ def test_output_past_2_to_the_31_elements(device_backend):
     b = cupy.zeros(n, cupy.float32)
     y = cupy.empty((m, n), cupy.float32)
     yv = cuda.as_cuda_array(y)
-    _kernels().matmul.launch_matmul(
+    _kernels().linear.launch_matmul(
         cuda.as_cuda_array(x), cuda.as_cuda_array(w), cuda.as_cuda_array(b), yv, yv,
-        ep=_kernels().epilogue.Epilogue(None, bias=True, dropout=True), key=(SEED & 0xFFFFFFFF, SEED >> 32),
+        ep=_kernels().linear.epilogue.Epilogue(None, bias=True, dropout=True), key=(SEED & 0xFFFFFFFF, SEED >> 32),
         offset=5, threshold=ref.dropout_threshold(P), scale=ref.dropout_scale(P, np.float32), config=SMALL,
     )
     tail = cupy.asnumpy(y[-3:])

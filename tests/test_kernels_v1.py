@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_close, tolerance
 
 import gpufc
-from gpufc import backend
+from gpufc.runtime import backend
 from gpufc import reference as ref
 
 pytestmark = pytest.mark.kernels
@@ -27,15 +27,15 @@ ACTS = list(ref.ACTIVATIONS)
 def version_1(device_backend, monkeypatch):
     """Every launch in this file goes to a version-1 kernel."""
     k = backend.kernels()
-    monkeypatch.setattr(k.matmul, "choose_config", lambda *args, **kwargs: k.matmul.V1)
-    monkeypatch.setattr(k.matmul, "launch_bias_grad", functools.partial(k.matmul.launch_bias_grad, version=1))
+    monkeypatch.setattr(k.linear.configs, "choose_config", lambda *args, **kwargs: k.linear.V1)
+    monkeypatch.setattr(k.linear, "launch_bias_grad", functools.partial(k.linear.launch_bias_grad, version=1))
     for name in ("launch_dropout", "launch_act_dropout_backward"):
         monkeypatch.setattr(k.dropout, name, functools.partial(getattr(k.dropout, name), version=1))
 
 
 def test_routing_reaches_version_1(rng):
     k = backend.kernels()
-    assert k.matmul.resolve_config(None, 64, 64, 64, np.float32) is k.matmul.V1
+    assert k.linear.resolve_config(None, 64, 64, 64, np.float32) is k.linear.V1
 
 
 def _data(rng, m, k, n, dtype):

@@ -20,12 +20,12 @@ _PACKER_SCRIPT = textwrap.dedent(
     from numba.cuda.core import sigutils
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     from numba.cuda.dispatcher import _Kernel
-    from gpufc import backend
+    from gpufc.runtime import backend
     backend.kernels()  # registers gpufc.kernels (also when run from a source tree)
-    from gpufc.kernels import launch
+    from gpufc.runtime import launch
     from gpufc.kernels.dropout import _MASK_SIG, _act_bwd_sig, _flat_sig
-    from gpufc.kernels.matmul import _bias_grad_sig, signature
-    from gpufc.kernels.matmul_tiled import signature as tiled_signature
+    from gpufc.kernels.linear import _bias_grad_sig, signature
+    from gpufc.kernels.linear.v2_register_tiled import signature as tiled_signature
 
     class Data:  # stands in for device memory: Numba's path reads only its pointer
         def __init__(self, ptr):
@@ -121,7 +121,7 @@ def test_env_switch_forces_numba_path():
 
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
     env.update(GPUFC_FAST_LAUNCH="0", GPUFC_BACKEND="cpu")
-    code = "from gpufc import backend; backend.kernels(); from gpufc.kernels import launch; print(launch._FAST)"
+    code = "from gpufc.runtime import backend; backend.kernels(); from gpufc.runtime import launch; print(launch._FAST)"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
 
@@ -131,10 +131,10 @@ def test_env_switch_forces_numba_path():
 def test_simulator_uses_numba_path(device_backend):
     from numba import cuda
 
-    from gpufc import backend
+    from gpufc.runtime import backend
 
     backend.kernels()
-    from gpufc.kernels import launch
+    from gpufc.runtime import launch
     from gpufc.kernels.dropout import make_dropout_mask_kernel
 
     kern = make_dropout_mask_kernel()
@@ -159,10 +159,10 @@ def _both_paths(kern, grid, block, make_args, out_index):
     """Launch once through FastKernel and once through Numba's own launch; outputs as bits."""
     from numba import cuda
 
-    from gpufc import backend
+    from gpufc.runtime import backend
 
     backend.kernels()
-    from gpufc.kernels import launch
+    from gpufc.runtime import launch
 
     fk = launch.FastKernel(kern)
     a1, a2 = make_args(), make_args()
@@ -178,7 +178,7 @@ def _both_paths(kern, grid, block, make_args, out_index):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gpu_fast_path_matches_numba_launch(dtype, device_backend, rng):
     from gpufc.kernels.dropout import THREADS, make_dropout_kernel, make_dropout_mask_kernel
-    from gpufc.kernels.matmul import make_bias_grad_kernel, make_matmul_kernel, resolve_config
+    from gpufc.kernels.linear import make_bias_grad_kernel, make_matmul_kernel, resolve_config
     from numba import cuda
 
     n = 4099
@@ -222,12 +222,12 @@ def test_gpu_fast_path_matches_numba_launch(dtype, device_backend, rng):
 def test_gpu_launchers_take_fast_path_and_refuse_strided_operands(device_backend, rng):
     from numba import cuda
 
-    from gpufc import backend
+    from gpufc.runtime import backend
 
     backend.kernels()
-    from gpufc.kernels import launch
+    from gpufc.runtime import launch
     from gpufc.kernels.dropout import launch_dropout, make_dropout_kernel
-    from gpufc.kernels.matmul import _bias_grad_sig, make_bias_grad_kernel
+    from gpufc.kernels.linear import _bias_grad_sig, make_bias_grad_kernel
 
     x = cuda.to_device(rng.standard_normal(1024).astype(np.float32))
     y = cuda.device_array(1024, np.float32)

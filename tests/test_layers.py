@@ -21,9 +21,9 @@ from helpers import assert_close, numeric_grad
 
 import gpufc
 from gpufc import reference as ref
-from gpufc.layers import DropoutLayer, FullyConnectedLayer, Module, Sequential
-from gpufc.losses import SoftmaxCrossEntropy, softmax_cross_entropy
-from gpufc.optim import SGD, Adam
+from gpufc.nn.layers import DropoutLayer, FullyConnectedLayer, Module, Sequential
+from gpufc.nn.losses import SoftmaxCrossEntropy, softmax_cross_entropy
+from gpufc.nn.optim import SGD, Adam
 
 pytestmark = pytest.mark.kernels
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import KAT
 
-from gpufc import backend
+from gpufc.runtime import backend
 from gpufc import reference as ref
 
 FAIL_PROB = 1e-6  # per test, on a correct generator
@@ -22,7 +22,7 @@ FAIL_PROB = 1e-6  # per test, on a correct generator
 # numba.cuda as conftest set it up (GPU or simulator). The test kernels below use it as a
 # module global: the simulator swaps the globals of a kernel, not its closure variables.
 cuda = backend.numba_cuda()
-philox = backend.kernels().philox
+philox = backend.kernels().dropout.philox
 
 
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ON_GPU
 from numba import cuda, uint32  # after conftest chose the simulator or the GPU
 
-from gpufc import backend as _backend
+from gpufc.runtime import backend as _backend
 from gpufc import reference as ref
 
 pytestmark = pytest.mark.kernels

@@ -6,8 +6,8 @@ from conftest import requires_gpu
 
 import gpufc
 from gpufc import reference as ref
-from gpufc import transfer as tx
-from gpufc.layers import DropoutLayer, FullyConnectedLayer
+from gpufc.runtime import transfer as tx
+from gpufc.nn.layers import DropoutLayer, FullyConnectedLayer
 
 pytestmark = pytest.mark.kernels
 

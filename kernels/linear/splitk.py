@@ -39,7 +39,7 @@ import numba
 import numpy as np
 from numba import cuda, uint64
 
-from ..epilogue import PLAIN, Epilogue, make_group_store
+from .epilogue import PLAIN, Epilogue, make_group_store
 
 CHUNK_QUANTUM = 256  # chunks are multiples of this many k (whole K slices of every config)
 REDUCE_THREADS = 256  # threads per block of the reduction

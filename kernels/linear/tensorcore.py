@@ -63,13 +63,13 @@ from . import mma as M
 try:  # the layout after the kernels/linear move
     from .epilogue import PLAIN, Epilogue, make_element_store
 except ImportError:
-    from ..epilogue import PLAIN, Epilogue, make_element_store
+    from .epilogue import PLAIN, Epilogue, make_element_store
 from ..activations import make_activation
 
 try:  # the layout after the kernels/dropout move
     from ..dropout.philox import THREE, TWO, philox_block, select_word
 except ImportError:
-    from ..philox import THREE, TWO, philox_block, select_word
+    from ..dropout.philox import THREE, TWO, philox_block, select_word
 
 KINDS = ("tf32", "f16", "bf16")
 K_BYTES = 64  # bytes of k per shared slice: 16 TF32 or 32 16-bit values, two mma k-steps
@@ -630,7 +630,7 @@ def act_dropout_backward16_source(kind: str, activation, dropout: bool):
     try:
         from ..dropout.philox import element_word
     except ImportError:
-        from ..philox import element_word
+        from ..dropout.philox import element_word
 
     def act_dropout_backward16(grad, z, g, k0, k1, offset, threshold, scale):
         # grad, z, g are flat (n,) uint16 bit patterns; z is read only with an activation

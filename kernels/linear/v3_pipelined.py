@@ -59,7 +59,7 @@ import numba
 import numpy as np
 from numba import cuda, uint32, uint64
 
-from ..epilogue import PLAIN, Epilogue, make_group_store
+from .epilogue import PLAIN, Epilogue, make_group_store
 
 GROUP = 4  # rows / columns per fragment run: 4 float32 = one 16-byte shared load
 SMEM_LIMIT = 48 * 1024  # static shared memory per block
@@ -210,7 +210,7 @@ else:
 def _configs():
     """The version-3 entries of the configuration table (TileConfig, version=3). Static
     evidence (ptxas sm_90, not measured on a GPU) in bench/kernel_report.py."""
-    from ..matmul_tiled import TileConfig
+    from .v2_register_tiled import TileConfig
 
     return (
         # The large-problem default: CUTLASS-like 32 x 64 warp tiles, K step 16 (half the

@@ -7,7 +7,7 @@ For one output element ``(row, col)`` of ``y (M, N)`` with accumulator ``acc``::
     y[row, col] = keep(n) ? a * scale : 0     # if dropout; n = offset + row * N + col
     zout[row, col] = z                        # if the caller keeps the pre-activation
 
-``keep`` is the dropout mask contract of ARCHITECTURE.md (kernels.philox.element_word),
+``keep`` is the dropout mask contract of ARCHITECTURE.md (kernels.dropout.philox.element_word),
 so the fused mask equals the standalone dropout kernel's bit for bit. A dropped
 element is a selected 0, never ``a * 0``, so NaN and inf are dropped too.
 
@@ -31,8 +31,8 @@ import functools
 import numpy as np
 from numba import cuda, uint32, uint64
 
-from .activations import NAMES, make_activation
-from .philox import THREE, TWO, element_word, philox_block
+from ..activations import NAMES, make_activation
+from ..dropout.philox import THREE, TWO, element_word, philox_block
 
 
 @dataclasses.dataclass(frozen=True)

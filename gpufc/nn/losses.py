@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import transfer as _tx
+from ..runtime import transfer as _tx
 
 
 def _xp(arr):

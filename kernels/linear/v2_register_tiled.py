@@ -1,6 +1,6 @@
 """Version 2 of the matmul: register-tiled, double-buffered, code-generated.
 
-Same math as :mod:`kernels.matmul` (read its docstring first)::
+Same math as :mod:`kernels.linear` (read its docstring first)::
 
     y (M, N) = epilogue(op(a) @ op(b)),  op(a) (M, K), op(b) (K, N)
     forward x @ w: NN;   grad_x = g @ w.T: NT (trans_b);   grad_w = x.T @ g: TN (trans_a)
@@ -42,7 +42,7 @@ once per block column / row) + ``M N`` written.
   2**31 elements); operands are passed flat with K explicit, so a run needs
   one index.
 - Epilogue, one row of the thread tiles per pass: staged through shared memory,
-  then each thread applies :func:`kernels.epilogue.make_group_store` (bias,
+  then each thread applies :func:`kernels.linear.epilogue.make_group_store` (bias,
   activation, dropout, pre-activation) to runs of 4 consecutive columns and
   stores them, coalesced, one store per element. A rolled loop keeps a single
   copy of the Philox code (an unrolled 8 x 8 epilogue took 34 s to compile).
@@ -51,7 +51,7 @@ Shared memory: ``(2 BK (BM + BN + 2 pad) + (BM / TM) (BN + pad)) itemsize`` byte
 pad = 16 bytes (25 KiB for t128x128 float32). Registers, spills, occupancy and
 the main loop's FFMA share of every configuration: ``python bench/kernel_report.py``.
 
-Configurations are data: :data:`CONFIGS`; :func:`choose_config` is the one
+Configurations are data: :data:`.configs.CONFIGS`; :func:`choose_config` is the one
 place that picks one by shape, among :data:`PREFERRED` (the other entries of
 :data:`DTYPE_CONFIGS` are candidates, run only when forced);
 ``launch_matmul(config=...)`` overrides.
@@ -65,149 +65,8 @@ import linecache
 import numpy as np
 from numba import cuda, uint32, uint64
 
+from .configs import GROUP, SMEM_LIMIT, TileConfig
 from .epilogue import PLAIN, Epilogue, make_group_store
-
-GROUP = 4  # rows / columns per run of the thread tile; 4 float32 = one 16-byte shared load
-SMEM_LIMIT = 48 * 1024  # static shared memory per block
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """One register-tiled configuration: the block tile ``bm x bn``, the K step ``bk``,
-    the per-thread tile ``tm x tn``; ``threads = (bm / tm) * (bn / tn)``."""
-
-    name: str
-    bm: int
-    bn: int
-    bk: int
-    tm: int
-    tn: int
-    min_blocks: int = 1  # resident blocks per SM to compile for: caps registers at 65536 / (threads * min_blocks)
-    unbounded: tuple = ()  # operand layouts ("NN", "NT", "TN") compiled without that cap: they spill under it
-    warp: tuple = ()  # (rows, columns) of thread tiles one warp covers; () = whole rows of the thread grid
-    version: int = 2
-
-    def __post_init__(self):
-        for side, t, block in (("tm", self.tm, self.bm), ("tn", self.tn, self.bn)):
-            assert t in (1, 2, 4, 8), f"{self.name}: {side} must be 1, 2, 4 or 8 (runs of up to 4, two runs); got {t}."
-            assert block % t == 0, f"{self.name}: the block side {block} must be a multiple of {side}={t}."
-        assert 32 <= self.threads <= 1024 and self.threads % 32 == 0, (
-            f"A block must be whole warps, 32 to 1024 threads; {self.name} has {self.threads}."
-        )
-        if self.warp:
-            wr, wc = self.warp
-            assert wr * wc == 32 and (self.bn // self.tn) % wc == 0 and (self.bm // self.tm) % wr == 0, (
-                f"{self.name}: warp={self.warp} must be 32 thread tiles tiling the "
-                f"{self.bm // self.tm} x {self.bn // self.tn} thread grid."
-            )
-        for what, length in (("a", self.bm), ("b", self.bn)):
-            assert (length * self.bk) % self.threads == 0, (
-                f"{self.name}: the {what} slice ({length} x {self.bk}) must split evenly over {self.threads} threads."
-            )
-
-    @property
-    def threads(self) -> int:
-        return (self.bm // self.tm) * (self.bn // self.tn)
-
-    def launch_bounds(self, trans_a: bool = False, trans_b: bool = False) -> tuple[int, int] | None:
-        """``(max threads per block, min blocks per SM)`` for ``cuda.jit(launch_bounds=...)``,
-        or None where ptxas may use up to 255 registers (``min_blocks == 1`` or an unbounded layout)."""
-        layout = ("T" if trans_a else "N") + ("T" if trans_b else "N")
-        if self.min_blocks <= 1 or layout in self.unbounded:
-            return None
-        return self.threads, self.min_blocks
-
-    @property
-    def gm(self) -> int:
-        """Row runs per thread tile (runs of ``min(4, tm)`` rows, ``bm / gm`` apart)."""
-        return max(1, self.tm // GROUP)
-
-    @property
-    def gn(self) -> int:
-        return max(1, self.tn // GROUP)
-
-    def pad(self, dtype) -> int:
-        """Elements of padding per shared row: 16 bytes, keeps 16-byte alignment."""
-        return max(1, 16 // np.dtype(dtype).itemsize)
-
-    def shared_bytes(self, dtype) -> int:
-        """Static shared memory: two K-slice buffers per operand and the epilogue's staging rows."""
-        pad = self.pad(dtype)
-        elements = 2 * self.bk * (self.bm + self.bn + 2 * pad) + (self.bm // self.tm) * (self.bn + pad)
-        return elements * np.dtype(dtype).itemsize
-
-    def grid(self, m: int, n: int) -> tuple[int, int]:
-        return ceil_div(m, self.bm), ceil_div(n, self.bn)
-
-    def block(self) -> tuple[int]:
-        return (self.threads,)
-
-
-# The configurations, largest tile first. Evidence (static, ptxas sm_90, not
-# measured on a GPU): registers / spills / FMA share in bench/kernel_report.py.
-CONFIGS = (
-    # 256 threads; the large-problem workhorse. Two blocks per SM cap it at 128 registers
-    # (ptxas alone takes 129-156). The backward layouts spill under the cap (NT on sm_80, TN
-    # on sm_90) and run unbounded: ptxas gives them 127-128 registers on sm_90 anyway.
-    TileConfig("t128x128", 128, 128, 8, 8, 8, min_blocks=2, unbounded=("NT", "TN")),
-    TileConfig("t128x64", 128, 64, 8, 8, 4),  # 256 threads; half the columns per block
-    TileConfig("t64x64", 64, 64, 8, 4, 4),  # 256 threads; 4x the blocks of t128x128
-    TileConfig("t32x32", 32, 32, 16, 2, 2),  # 256 threads; small M or N
-    # Candidates for the large-problem workhorse (issue 3): timed by `gpufc bench --ops configs`,
-    # compiled and tested, not chosen until measured (PREFERRED). k16: K step 16, half the
-    # barriers per FFMA. w: warps cover 4 x 8 thread tiles (a 32 x 64 warp tile) instead of
-    # 2 x 16, 4 shared wavefronts per k step instead of 6. u: no register cap (1 block/SM).
-    TileConfig("t128x128k16", 128, 128, 16, 8, 8, min_blocks=2, unbounded=("NT", "TN")),
-    TileConfig("t128x128w", 128, 128, 8, 8, 8, min_blocks=2, unbounded=("NT", "TN"), warp=(4, 8)),
-    TileConfig("t128x128k16w", 128, 128, 16, 8, 8, min_blocks=2, unbounded=("NT", "TN"),
-               warp=(4, 8)),
-    TileConfig("t128x128u", 128, 128, 8, 8, 8),
-)
-_BY_NAME = {c.name: c for c in CONFIGS}
-
-# Per dtype, the configurations that serve it (tested, compiled by the catalogue, timed by
-# `gpufc bench --ops configs`); choose_config picks among PREFERRED only. t128x128 in
-# float64 needs 49 KiB of shared memory, over the 48 KiB
-# static limit, and 8 x 8 double accumulators alone take 128 registers.
-DTYPE_CONFIGS = {
-    np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32",
-                           "t128x128k16", "t128x128w", "t128x128k16w", "t128x128u"),
-    np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
-}
-
-# Per dtype, the configurations choose_config picks from, largest tile first (a subset of
-# DTYPE_CONFIGS: the rest are candidates, compiled and tested but only run when forced).
-PREFERRED = {
-    np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32"),
-    np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
-}
-
-SMS = 132  # streaming multiprocessors of an H100 SXM; one wave of blocks per SM
-
-
-def config_by_name(name: str) -> TileConfig:
-    """The :data:`CONFIGS` entry called ``name`` (e.g. ``"t128x128"``)."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"config must be one of {sorted(_BY_NAME)}, got config={name!r}") from None
-
-
-def choose_config(m: int, n: int, k: int, dtype, sms: int = SMS) -> TileConfig:
-    """The configuration for ``(M, K) @ (K, N)`` in ``dtype``: the largest tile that
-    still gives every one of the device's ``sms`` SMs a block, else the smallest tile."""
-    names = PREFERRED[np.dtype(dtype)]
-    for name in names:
-        cfg = _BY_NAME[name]
-        gx, gy = cfg.grid(m, n)
-        if gx * gy >= sms:
-            return cfg
-    return _BY_NAME[names[-1]]
-
 
 # ----------------------------------------------------------------------------
 # Source generation
@@ -478,7 +337,7 @@ def tiled_function(cfg: TileConfig, dtype, trans_a: bool, trans_b: bool, ep: Epi
     linecache so tracebacks and ``inspect`` show it)."""
     text, glb = tiled_source(cfg, dtype, trans_a, trans_b, ep)
     tag = f"{'T' if trans_a else 'N'}{'T' if trans_b else 'N'}"
-    filename = f"<gpufc.kernels.matmul_tiled {cfg.name} {np.dtype(dtype).name} {tag} {ep.tag}>"
+    filename = f"<gpufc.kernels.linear.v2_register_tiled {cfg.name} {np.dtype(dtype).name} {tag} {ep.tag}>"
     linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
     exec(compile(text, filename, "exec"), glb)  # noqa: S102 (our own generated source, no user input)
     return glb[f"matmul_{cfg.name}"]

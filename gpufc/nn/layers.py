@@ -32,10 +32,10 @@ import zlib
 
 import numpy as np
 
-from . import backend as _backend
-from . import functional as F
-from . import reference as _ref
-from . import transfer as _tx
+from ..runtime import backend as _backend
+from .. import functional as F
+from .. import reference as _ref
+from ..runtime import transfer as _tx
 
 DEVICES = ("cpu", "cuda")
 _FORMAT = "gpufc-npz-1"  # the "__gpufc__" entry of a saved .npz names its format and the modules

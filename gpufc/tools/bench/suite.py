@@ -1,92 +1,34 @@
-"""Benchmark harness: ``gpufc bench`` and the scripts in the repository's ``bench/`` folder.
-
-One suite, run on whatever backend is active:
-
-=========  ===========================================================================
-backend    what the numbers are
-=========  ===========================================================================
-``cuda``   GPU time from CUDA events, against cuBLAS (CuPy), PyTorch, a device copy
-``cpu``    host time of the NumPy reference (``perf_counter``): NOT a GPU measurement
-``sim``    the Numba CUDA simulator: validation only, timings are meaningless
-=========  ===========================================================================
-
-Method, per (op, shape) group (bench/README.md says how to read the output):
-
-1. Validate first. Every implementation's output is compared with
-   :mod:`gpufc.reference` in float64 (sampled row blocks for big shapes): the
-   norm-wise relative error must stay under ``8 eps sqrt(K)`` (TF32 would land
-   near 3e-4 and fail it); gpufc's dropout masks must match the contract bit for
-   bit; the peers draw their own masks, so their keep rate and kept values are
-   checked instead.
-2. Warm up: the first call (JIT compile, cuBLAS handles) is timed separately
-   (``first_call_s``) and kept out of the statistics.
-3. Time. On ``cuda`` each repetition writes a buffer of twice the L2 size (so
-   no input is served from L2), queues a GPU busy-wait longer than the call's
-   host overhead (so the events time the GPU work alone, not the launch path),
-   then records an event, the call, an event. Median, p20 and p80 of the
-   repetitions. Host overhead is its own op (``overhead_*``): ``perf_counter``
-   around each call, unsynchronised, many calls.
-4. Rate: TFLOP/s = 2 M N K / median (4 M N K for the backward's two products);
-   GB/s = the fewest bytes the op must move (each input read once, each output
-   written once) / median, the same nominal bytes for every implementation.
-5. ``speedup_vs_<peer>`` = peer median / this median, peers measured in the
-   same run (> 1: faster than the peer).
-
-TF32 is off for every peer: ``CUPY_TF32=0`` and ``NVIDIA_TF32_OVERRIDE=0`` are
-set before CuPy or PyTorch is imported, and torch's ``allow_tf32`` flags are
-False. Shapes of the linear ops are written ``MxKxN``: ``x (M, K) @ w (K, N)``.
-"""
+"""The benchmark suite: per op and shape, gpufc and its peers, validated then timed."""
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
-import datetime
-import hashlib
-import importlib
-import importlib.metadata
 import inspect
-import json
 import math
 import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .environment import environment
+from .measure import (
+    CudaTimer,
+    HostTimer,
+    Row,
+    add_speedups,
+    dropout_like_check,
+    quantiles,
+    rel_err,
+    row_blocks,
+    to_host,
+    tolerance,
+)
+
 OPS = ("linear", "fused", "dropout", "overhead", "backward", "configs")
-PEERS = ("gpufc_v1", "cupy", "torch", "copy", "numpy")  # ratio columns, besides gpufc itself
-IMPL_ORDER = ("gpufc", "gpufc_layer", "gpufc_v1", "cupy", "torch", "copy", "numpy")
 SEED = 1234
 DROP_P = 0.1  # the fused and standalone dropout rate
 DROP_OFFSET = 4096  # a multiple of 4, as every layer's offset is (ARCHITECTURE.md rule 7)
-L2_FALLBACK_BYTES = 50 * 2**20  # H100 SXM
-
-# Datasheet FP32 (non-tensor) peaks, TFLOP/s, matched against the device name.
-FP32_PEAK_TFLOPS = (
-    ("H100 PCIe", 51.2),
-    ("H100 NVL", 60.0),
-    ("H100", 66.9),  # SXM5, e.g. "NVIDIA H100 80GB HBM3"
-    ("H200", 66.9),
-    ("A100", 19.5),
-    ("L40S", 91.6),
-    ("L4", 30.3),
-)
-
-MEASURED_ON = {
-    "cuda": "GPU",
-    "cpu": "CPU (NumPy reference): NOT a GPU measurement",
-    "sim": "Numba CUDA simulator: NOT a GPU measurement, timings meaningless",
-}
-
-
-# ----------------------------------------------------------------------------
-# Shapes
-# ----------------------------------------------------------------------------
 
 # (M, K, N) by family. MLP shapes: batch 256-16384 by 1024-4096 features.
 SQUARES = (1024, 2048, 4096, 8192)
@@ -148,350 +90,9 @@ def plan(backend: str, quick: bool) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------
-
-
-def _version(dist: str):
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def source_root() -> Path:
-    """The folder above the gpufc package: the repository root in a source checkout."""
-    return Path(__file__).resolve().parent.parent
-
-
-def _git_commit() -> str | None:
-    root = source_root()
-    if (root / ".git").exists():
-        try:
-            out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=False, capture_output=True, text=True,
-                                 timeout=10)
-            if out.returncode == 0:
-                dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                       check=False, capture_output=True, text=True, timeout=10).stdout.strip()
-                return out.stdout.strip() + ("+dirty" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return os.environ.get("GPUFC_COMMIT") or None
-
-
-def source_sha256() -> str:
-    """sha256 over the sources that decide the numbers (gpufc/ and kernels/ .py files), short.
-
-    It identifies the code that ran even where no git history travels (the lent GPU
-    gets a copy of the working tree): recompute it at a commit to match a result.
-    """
-    root = source_root()
-    h = hashlib.sha256()
-    for folder in ("gpufc", "kernels"):
-        base = root / folder
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def fp32_peak_tflops(device: str | None) -> float | None:
-    for key, peak in FP32_PEAK_TFLOPS:
-        if device and key in device:
-            return peak
-    return None
-
-
-def environment(backend: str, cp=None, torch=None) -> dict:
-    """What ran: device, driver, CUDA, versions, source identity, date."""
-    import gpufc
-
-    info = gpufc.backend_info()
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend,
-        "measured_on": MEASURED_ON[backend],
-        "device": info.get("device"),
-        "compute_capability": info.get("compute_capability"),
-        "driver": None,
-        "cuda_driver_api": info.get("cuda_driver"),
-        "cuda_runtime": None,
-        "gpufc": gpufc.__version__,
-        "git_commit": _git_commit(),
-        "source_sha256": source_sha256(),
-        "python": info.get("python"),
-        "numpy": info.get("numpy"),
-        "numba": info.get("numba"),
-        "numba_cuda": info.get("numba_cuda"),
-        "cupy": info.get("cupy"),
-        "torch": _version("torch"),
-        "timer": "CUDA events" if backend == "cuda" else "time.perf_counter",
-        "tf32": "off: CUPY_TF32=0, NVIDIA_TF32_OVERRIDE=0, torch allow_tf32=False",
-        "fp32_peak_tflops": None,
-        "copy_GBps": None,
-    }
-    if cp is not None:
-        dev = cp.cuda.Device()
-        attrs = dev.attributes
-        env["sm_count"] = attrs.get("MultiProcessorCount")
-        env["l2_bytes"] = attrs.get("L2CacheSize")
-        env["sm_clock_mhz"] = attrs.get("ClockRate", 0) // 1000
-        rt = cp.cuda.runtime.runtimeGetVersion()
-        env["cuda_runtime"] = f"{rt // 1000}.{rt % 1000 // 10}"
-        dv = cp.cuda.runtime.driverGetVersion()
-        env["cuda_driver_api"] = f"{dv // 1000}.{dv % 1000 // 10}"
-        env["driver"] = _nvidia_smi("driver_version")
-        env["fp32_peak_tflops"] = fp32_peak_tflops(env["device"])
-    if torch is not None:
-        env["torch_cuda"] = getattr(torch.version, "cuda", None)
-    return env
-
-
-def _nvidia_smi(field: str) -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], check=False, capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-
-
-# ----------------------------------------------------------------------------
-# Timers
-# ----------------------------------------------------------------------------
-
-_SPIN_SRC = r"""
-extern "C" __global__ void gpufc_bench_spin(long long cycles) {
-    // Busy-wait on one thread: keeps the GPU busy while the host queues the timed call.
-    long long start = clock64();
-    while (clock64() - start < cycles) { }
-}
-"""
-
-
-def quantiles(times) -> tuple[float, float, float]:
-    """(median, p20, p80) of a list of seconds."""
-    med, p20, p80 = np.percentile(np.asarray(times, dtype=np.float64), [50, 20, 80])
-    return float(med), float(p20), float(p80)
-
-
-class HostTimer:
-    """``perf_counter`` around each call: the cpu and sim backends, and host-side peers."""
-
-    kind = "perf_counter"
-
-    def sync(self):
-        pass
-
-    def host_overhead(self, fn) -> float:
-        return 0.0
-
-    def measure(self, fn, reps: int, host_s: float = 0.0) -> list[float]:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return times
-
-
-class CudaTimer:
-    """CUDA events around each call, after an L2 flush and a GPU busy-wait (see the module doc)."""
-
-    kind = "cuda events"
-
-    def __init__(self, cp, l2_bytes: int | None):
-        self.cp = cp
-        l2 = int(l2_bytes or L2_FALLBACK_BYTES)
-        self.flush_buf = cp.empty(max(2 * l2, 64 * 2**20) // 4, dtype=cp.int32)
-        self.clock_khz = int(cp.cuda.Device().attributes.get("ClockRate", 2_000_000))
-        self.spin_note = "GPU busy-wait before each timed call"
-        try:
-            self.spin = cp.RawKernel(_SPIN_SRC, "gpufc_bench_spin")
-            self.spin((1,), (1,), (np.int64(1000),))
-            self.sync()
-        except Exception as err:  # noqa: BLE001 - no NVRTC: events then include launch gaps when the host is slower
-            self.spin = None
-            self.spin_note = f"no GPU busy-wait ({type(err).__name__}); small-shape times may include host gaps"
-
-    def sync(self):
-        self.cp.cuda.Device().synchronize()
-
-    def flush(self):
-        self.flush_buf.fill(0)
-
-    def host_overhead(self, fn, calls: int = 3) -> float:
-        """Median host time of one call, synchronised before each so the launch queue is empty."""
-        times = []
-        for _ in range(calls):
-            self.sync()
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        self.sync()
-        return float(np.median(times))
-
-    def measure(self, fn, reps: int, host_s: float = 0.0) -> list[float]:
-        cp = self.cp
-        # The busy-wait must outlast the host's time from queueing it to queueing the call.
-        spin_s = min(20e-3, 1.5 * host_s + 30e-6)
-        cycles = np.int64(spin_s * self.clock_khz * 1e3)
-        events = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(reps)]
-        for start, stop in events:
-            self.flush()
-            if self.spin is not None:
-                self.spin((1,), (1,), (cycles,))
-            start.record()
-            fn()
-            stop.record()
-        events[-1][1].synchronize()
-        return [cp.cuda.get_elapsed_time(a, b) * 1e-3 for a, b in events]
-
-
-# ----------------------------------------------------------------------------
-# Rows
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Row:
-    """One timed (op, shape, implementation)."""
-
-    op: str
-    shape: str
-    family: str
-    dtype: str
-    impl: str
-    config: str
-    median_s: float | None = None
-    p20_s: float | None = None
-    p80_s: float | None = None
-    reps: int = 0
-    rate: float | None = None
-    unit: str = ""
-    work: float = 0.0  # FLOPs, bytes or calls behind ``rate``
-    m: int | None = None
-    k: int | None = None
-    n: int | None = None
-    elements: int | None = None
-    first_call_s: float | None = None
-    host_s: float | None = None  # host time of one call (queue empty), for the timer's busy-wait
-    check: str = ""
-    rel_err: float | None = None
-    ok: bool | None = None
-    note: str = ""
-    speedups: dict = dataclasses.field(default_factory=dict)
-
-
-ENV_COLUMNS = ("device", "driver", "cuda_runtime", "backend", "measured_on", "numba", "numba_cuda", "cupy", "torch",
-               "numpy", "python", "gpufc", "git_commit", "source_sha256", "date")
-
-
-def add_speedups(rows: list[Row]) -> None:
-    """``speedup_vs_<peer>`` = peer median / row median within each (op, shape, dtype) group.
-
-    A reference must be unique in its group (the config sweep has many gpufc rows: none is one).
-    """
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r.op, r.shape, r.dtype), []).append(r)
-    for members in groups.values():
-        timed = [r for r in members if r.median_s]
-        names = [r.impl for r in timed]
-        refs = {r.impl: r for r in timed if names.count(r.impl) == 1 and r.impl in ("gpufc",) + PEERS}
-        for r in timed:
-            r.speedups = {peer: ref.median_s / r.median_s for peer, ref in refs.items() if ref is not r}
-
-
-def row_dict(r: Row, env: dict) -> dict:
-    d = dataclasses.asdict(r)
-    speedups = d.pop("speedups")
-    for peer in ("gpufc",) + PEERS:
-        d[f"speedup_vs_{peer}"] = speedups.get(peer)
-    for key in ENV_COLUMNS:
-        d[key] = env.get(key)
-    return d
-
-
-# ----------------------------------------------------------------------------
-# Array helpers
-# ----------------------------------------------------------------------------
-
-
-def to_host(a) -> np.ndarray:
-    """NumPy copy of a NumPy, CuPy or torch array (or slice of one)."""
-    if isinstance(a, np.ndarray):
-        return a
-    root = type(a).__module__.split(".", 1)[0]
-    if root == "cupy":
-        return a.get()
-    if root == "torch":
-        return a.detach().cpu().numpy()
-    if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
-    return np.asarray(a)
-
-
-def row_blocks(m: int, s: int = 8) -> list[tuple[int, int]]:
-    """Sampled row ranges: the first, a middle and the last ``s`` rows (all rows when few)."""
-    if m <= 3 * s:
-        return [(0, m)]
-    mid = m // 2 + 1
-    return [(0, s), (mid, mid + s), (m - s, m)]
-
-
-def rel_err(got, want) -> float:
-    """Norm-wise relative error ``||got - want|| / ||want||`` in float64; inf for NaN."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    if got.shape != want.shape:
-        return math.inf
-    diff = float(np.linalg.norm(got - want))
-    den = float(np.linalg.norm(want))
-    err = diff / den if den > 0 else diff
-    return err if math.isfinite(err) else math.inf
-
-
-def tolerance(dtype, k: int) -> float:
-    """Norm-wise bound for a length-k float dot product against float64: 8 eps sqrt(k) (+ 1e-6 for float32).
-
-    Random rounding errors grow like eps sqrt(k); TF32 (eps 2**-11) lands near 3e-4
-    whatever k, so it fails the float32 bound up to k ~ 10**5.
-    """
-    eps = float(np.finfo(dtype).eps)
-    return 8 * eps * math.sqrt(max(k, 1)) + (1e-6 if np.dtype(dtype) == np.float32 else 0.0)
-
-
-def dropout_like_check(got, pre, p: float, scale: float, tol: float) -> tuple[str, float, bool]:
-    """For a peer that draws its own mask: values where kept equal ``pre * scale``; keep rate ~ 1 - p.
-
-    ``pre`` is the reference before dropout (float64); only elements clearly nonzero count.
-    """
-    got = np.asarray(got, dtype=np.float64)
-    eligible = np.abs(pre) > 1e-3 * (np.abs(pre).max() + 1e-30)
-    kept = (got != 0) & eligible
-    count, kept_n = int(eligible.sum()), int(kept.sum())
-    expect = (1.0 - p) * count
-    sd = math.sqrt(max(count * p * (1.0 - p), 1e-12))
-    rate_ok = abs(kept_n - expect) <= 6 * sd + 1
-    err = rel_err(got[kept], pre[kept] * scale) if kept_n else 0.0
-    # Zeros of the activation must stay zeros (beyond float32 rounding across the relu's kink).
-    stray = int(((pre == 0) & (np.abs(got) > 1e-3 * (np.abs(pre).max() + 1e-30))).sum())
-    ok = rate_ok and err <= tol and stray == 0
-    return f"own mask: keep {kept_n}/{count} (expect {expect:.0f} +- {6 * sd:.0f}), kept rel err {err:.1e}", err, ok
-
-
-# ----------------------------------------------------------------------------
-# Kernel-level access (forced configurations), looked up defensively
-# ----------------------------------------------------------------------------
-
-
 def _kernel_attr(k, name):
-    """``name`` from gpufc.kernels.matmul (e.g. CONFIGS, choose_config), None where this tree lacks it."""
-    return getattr(k.matmul, name, None)
+    """``name`` from gpufc.kernels.linear (e.g. CONFIGS, choose_config), None where this tree lacks it."""
+    return getattr(k.linear, name, None)
 
 
 def matmul_configs(k) -> list:
@@ -508,7 +109,7 @@ def chosen_config(k, m: int, n: int, kk: int, dtype) -> str:
     """The name of the configuration gpufc picks for this shape, or "default" when it cannot be asked."""
     choose = _kernel_attr(k, "choose_config")
     if choose is None:
-        return config_name(k.matmul.V1)
+        return config_name(k.linear.V1)
     values = {"m": m, "n": n, "k": kk, "dtype": np.dtype(dtype), "trans_a": False, "trans_b": False}
     try:
         params = inspect.signature(choose).parameters
@@ -536,9 +137,9 @@ def kernel_linear(x, w, b, *, config, activation=None, dropout_p=0.0, seed=0, of
     The public :func:`gpufc.linear` picks its configuration itself; benchmarks
     compare versions through this kernel-level path instead.
     """
-    from . import backend as _backend
-    from . import reference as _ref
-    from . import transfer as _tx
+    from gpufc.runtime import backend as _backend
+    from gpufc import reference as _ref
+    from gpufc.runtime import transfer as _tx
 
     k = _backend.kernels()
     xo, wo, bo = _tx.operand(x, "x"), _tx.operand(w, "weights"), _tx.operand(b, "biases")
@@ -549,8 +150,8 @@ def kernel_linear(x, w, b, *, config, activation=None, dropout_p=0.0, seed=0, of
     bv, _bk = _tx.device_view(bo)
     yv, yh = _tx.empty((m, n), xo.dtype)
     drop = dropout_p > 0
-    ep = k.epilogue.Epilogue(activation, True, drop, False)
-    k.matmul.launch_matmul(
+    ep = k.linear.epilogue.Epilogue(activation, True, drop, False)
+    k.linear.launch_matmul(
         xv, wv, bv, yv, yv, ep=ep, stream=stream, config=config,
         key=_ref.philox_key(seed), offset=offset,
         threshold=_ref.dropout_threshold(dropout_p), scale=_ref.dropout_scale(dropout_p, xo.dtype),
@@ -560,9 +161,9 @@ def kernel_linear(x, w, b, *, config, activation=None, dropout_p=0.0, seed=0, of
 
 def kernel_dropout(x, p, *, seed, offset, version):
     """:func:`gpufc.dropout` with the kernel version forced (1-D device array)."""
-    from . import backend as _backend
-    from . import reference as _ref
-    from . import transfer as _tx
+    from gpufc.runtime import backend as _backend
+    from gpufc import reference as _ref
+    from gpufc.runtime import transfer as _tx
 
     k = _backend.kernels()
     xo = _tx.operand(x, "x")
@@ -574,11 +175,6 @@ def kernel_dropout(x, p, *, seed, offset, version):
         stream=_tx.current_stream(), version=version,
     )
     return _tx.to_caller(yh, xo)
-
-
-# ----------------------------------------------------------------------------
-# The suite
-# ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -622,7 +218,7 @@ class Suite:
             self.cp = _import_cupy()
             self.torch = _import_torch(self.log)
         if backend in ("cuda", "sim"):
-            from . import backend as _backend
+            from gpufc.runtime import backend as _backend
 
             self.k = _backend.kernels()
         self.env = environment(backend, self.cp, self.torch)
@@ -766,7 +362,7 @@ class Suite:
 
     def _linear_reference(self, x, w, b, m, n, activation, p):
         """Float64 reference rows: ``{(r0, r1): (with dropout, before dropout)}``."""
-        from . import reference as ref
+        from gpufc import reference as ref
 
         w64, b64 = to_host(w).astype(np.float64), to_host(b).astype(np.float64)
         out = {}
@@ -779,7 +375,7 @@ class Suite:
         return out
 
     def _linear_validator(self, refs, kk, p):
-        from . import reference as ref
+        from gpufc import reference as ref
 
         tol = tolerance(self.dtype, kk)
         scale = float(ref.dropout_scale(p, self.dtype)) if p > 0 else 1.0
@@ -815,7 +411,7 @@ class Suite:
         cfg = chosen_config(self.k, m, n, kk, self.dtype) if self.k is not None else "NumPy reference"
         impls = [Impl("gpufc", f"gpufc.linear, {label}, config {cfg}", lambda: gpufc.linear(x, w, b, **kw))]
         if self.k is not None and self.fast_configs and (op == "linear" or flops <= 2.0 * 4096**3):
-            v1 = self.k.matmul.V1
+            v1 = self.k.linear.V1
             impls.append(Impl("gpufc_v1", f"{config_name(v1)} (version 1, forced)",
                               lambda: kernel_linear(x, w, b, config=v1, **kw)))
         if self.cp is not None:
@@ -831,7 +427,7 @@ class Suite:
         cp = self.cp
         if op == "linear":
             return Impl("cupy", "x @ w + b: cuBLAS SGEMM + add kernel, TF32 off", lambda: x @ w + b)
-        from . import reference as ref
+        from gpufc import reference as ref
 
         assert activation == "relu", "the CuPy chain implements relu only"
         rs = cp.random.RandomState(SEED)
@@ -888,7 +484,7 @@ class Suite:
     # -- dropout -------------------------------------------------------------
 
     def op_dropout(self, n):
-        from . import reference as ref
+        from gpufc import reference as ref
 
         gpufc, cp, torch = self.gpufc, self.cp, self.torch
         p, seed, offset = DROP_P, SEED, DROP_OFFSET
@@ -973,7 +569,7 @@ class Suite:
             self.free()
 
     def _backward_group(self, op, family, shape, activation, p):
-        from . import reference as ref
+        from gpufc import reference as ref
 
         gpufc, cp, torch = self.gpufc, self.cp, self.torch
         m, kk, n = shape
@@ -1136,7 +732,7 @@ class Suite:
         self._overhead_group("overhead_dropout", f"{m}x{kk}", drop, xd, None, None, None, None)
 
     def _overhead_group(self, op, shape, impls, x, w, b, layer_w, layer_b):
-        from . import reference as ref
+        from gpufc import reference as ref
 
         calls = {"cuda": 2000, "cpu": 500, "sim": 5}[self.backend] // (5 if self.quick else 1)
         x64 = to_host(x).astype(np.float64)
@@ -1252,392 +848,3 @@ def _cupy_masked_scale(cp):
 def _cupy_relu_dropout_grad(cp):
     return cp.ElementwiseKernel("T g, bool m, T z, T s", "T y", "y = (m && z > (T)0) ? g * s : (T)0",
                                 "gpufc_bench_relu_dropout_grad")
-
-
-# ----------------------------------------------------------------------------
-# Outputs: CSV, JSON, markdown, text table, plots
-# ----------------------------------------------------------------------------
-
-
-def write_csv(path: Path, rows: list[Row], env: dict) -> None:
-    dicts = [row_dict(r, env) for r in rows]
-    fields = list(dicts[0]) if dicts else [f.name for f in dataclasses.fields(Row)]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(dicts)
-
-
-def write_json(path: Path, rows: list[Row], env: dict, skipped: list[str]) -> None:
-    doc = {"environment": env, "method": __doc__, "skipped": skipped,
-           "rows": [dataclasses.asdict(r) for r in rows]}
-    path.write_text(json.dumps(doc, indent=1, default=str))
-
-
-def load_rows(doc: dict) -> list[Row]:
-    names = {f.name for f in dataclasses.fields(Row)}
-    return [Row(**{k: v for k, v in r.items() if k in names}) for r in doc["rows"]]
-
-
-def fmt_rate(v: float) -> str:
-    """Three significant figures, no exponent for the usual ranges."""
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    return f"{v:.3g}"
-
-
-def _impls_in(rows) -> list[str]:
-    present = {r.impl for r in rows}
-    return [i for i in IMPL_ORDER if i in present] + sorted(present - set(IMPL_ORDER))
-
-
-def pivot(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    """One line per (op, shape): each implementation's rate, then gpufc's speedup over each peer."""
-    impls = _impls_in(rows)
-    peers = [p for p in ("cupy", "torch", "copy", "gpufc_v1", "numpy") if p in impls]
-    header = ["op", "shape", "unit"] + impls + [f"gpufc vs {p}" for p in peers]
-    lines, seen = [], {}
-    for r in rows:
-        seen.setdefault((r.op, r.shape), []).append(r)
-    for (op, shape), members in seen.items():
-        by = {}
-        for r in members:
-            by.setdefault(r.impl, r)
-        cells = [op, shape, members[0].unit]
-        for i in impls:
-            r = by.get(i)
-            if r is None:
-                cells.append("")
-            elif r.rate is None:
-                cells.append("error" if r.note.startswith("error") else "")
-            else:
-                mark = "" if r.ok else "!"
-                if op == "linear_configs" and i == "gpufc":
-                    best = max((m for m in members if m.impl == "gpufc" and m.rate), key=lambda m: m.rate,
-                               default=None)
-                    cells.append(f"{fmt_rate(best.rate)} ({best.config}){mark}" if best else "")
-                else:
-                    cells.append(f"{fmt_rate(r.rate)}{mark}")
-        g = by.get("gpufc")
-        if op == "linear_configs":
-            g = max((m for m in members if m.impl == "gpufc" and m.rate), key=lambda m: m.rate, default=None)
-        for p in peers:
-            peer = by.get(p)
-            if g is not None and peer is not None and g.median_s and peer.median_s:
-                ratio = peer.median_s / g.median_s
-                cells.append(f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x")
-            else:
-                cells.append("")
-        lines.append(cells)
-    return header, lines
-
-
-def text_table(rows: list[Row], env: dict) -> str:
-    header, lines = pivot(rows)
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
-
-    def fmt(cells):
-        return "  ".join(str(c).rjust(w) if i > 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    title = (f"gpufc bench | {env.get('measured_on')} | {env.get('device')} | driver {env.get('driver')} | "
-             f"CUDA {env.get('cuda_runtime')} | commit {env.get('git_commit') or 'unknown'} "
-             f"(src {env.get('source_sha256')}) | {env.get('date')}")
-    legend = ("rates: TFLOP/s (linear, 2MNK/t; backward 4MNK/t), GB/s (dropout, 8 B/element/t), "
-              "kcall/s (overhead, host); 'gpufc vs X' = X time / gpufc time; '!' = validation failed")
-    out = [title, legend, fmt(header), fmt(["-" * w for w in widths])]
-    out += [fmt(line) for line in lines]
-    return "\n".join(out)
-
-
-def markdown_pivot(rows: list[Row]) -> str:
-    header, lines = pivot(rows)
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c).replace("|", "/") for c in line) + " |" for line in lines]
-    return "\n".join(out)
-
-
-def markdown_summary(rows: list[Row], env: dict, skipped: list[str]) -> str:
-    lines = [f"# gpufc benchmark: {env.get('measured_on')}", ""]
-    if env.get("backend") != "cuda":
-        lines += [(f"**{env.get('measured_on')}.** These rows time gpufc's {env.get('backend')} backend; "
-                   "no GPU was measured."), ""]
-    lines += ["| | |", "|---|---|"]
-    for key in ("device", "driver", "cuda_runtime", "cuda_driver_api", "compute_capability", "sm_count", "l2_bytes",
-                "date", "git_commit", "source_sha256", "python", "numpy", "numba", "numba_cuda", "cupy", "torch",
-                "timer", "tf32", "fp32_peak_tflops", "copy_GBps"):
-        if env.get(key) is not None:
-            value = env[key]
-            if isinstance(value, float):
-                value = f"{value:.1f}"
-            lines.append(f"| {key} | {value} |")
-    lines += ["", "## Summary", "",
-              ("Rates: TFLOP/s for the linear ops (2 M N K / time; 4 M N K for the backward), GB/s for dropout "
-               "(read + write, 8 bytes per float32 element / time), kcall/s for host overhead. "
-               "`gpufc vs X` = X's median time / gpufc's (above 1: gpufc is faster). "
-               "`!` marks a failed validation. Shapes are `MxKxN`: x (M, K) @ w (K, N)."), "",
-              markdown_pivot(rows), "", "## All rows", "",
-              ("| op | shape | impl | config | median ms | p20-p80 ms | reps | rate | unit | first call s | check | "
-               "rel err | ok |"), "|" + "---|" * 13]
-    for r in rows:
-        med = f"{r.median_s * 1e3:.4f}" if r.median_s else ""
-        spread = f"{r.p20_s * 1e3:.4f}-{r.p80_s * 1e3:.4f}" if r.median_s else ""
-        rate = fmt_rate(r.rate) if r.rate else ""
-        first = f"{r.first_call_s:.3f}" if r.first_call_s is not None else ""
-        err = f"{r.rel_err:.1e}" if r.rel_err is not None else ""
-        check = (r.check + (" " + r.note if r.note else "")).replace("|", "/")
-        lines.append(f"| {r.op} | {r.shape} | {r.impl} | {r.config.replace('|', '/')} | {med} | {spread} | {r.reps} "
-                     f"| {rate} | {r.unit} | {first} | {check} | {err} | {r.ok} |")
-    if skipped:
-        lines += ["", f"Skipped ({len(skipped)}, time budget or errors): " + "; ".join(skipped)]
-    return "\n".join(lines) + "\n"
-
-
-def write_plots(out_dir: Path, rows: list[Row], env: dict, log=print) -> list[Path]:
-    """One PNG per op group plus ``plots.png`` with all of them; skipped with a message without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no plots (pip install matplotlib)")
-        return []
-    ops = []
-    for r in rows:
-        if r.op not in ops and r.rate:
-            ops.append(r.op)
-    if not ops:
-        return []
-    written = []
-    ncols = min(3, len(ops))
-    nrows = -(-len(ops) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(ops):]:
-        ax.set_visible(False)
-    for op, ax in zip(ops, axes.flat):
-        _plot_op(ax, op, [r for r in rows if r.op == op and r.rate], env)
-        single, sax = plt.subplots(figsize=(7.5, 5))
-        _plot_op(sax, op, [r for r in rows if r.op == op and r.rate], env)
-        _stamp(single, env)
-        single.tight_layout()
-        path = out_dir / f"plot_{op}.png"
-        single.savefig(path, dpi=110)
-        plt.close(single)
-        written.append(path)
-    _stamp(fig, env)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    path = out_dir / "plots.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path] + written
-
-
-def _stamp(fig, env):
-    fig.suptitle(f"{env.get('device')} | {env.get('measured_on')} | {env.get('date')}", fontsize=9)
-
-
-def _plot_op(ax, op, rows, env):
-    unit = rows[0].unit
-    shapes = []
-    for r in rows:
-        if r.shape not in shapes:
-            shapes.append(r.shape)
-    numeric = all(r.family in ("square", "vector") for r in rows)
-    if op == "linear_configs":
-        labels = [f"{r.impl}\n{r.config[:18]}" if r.impl == "gpufc" else r.impl for r in rows]
-        ax.bar(range(len(rows)), [r.rate for r in rows], color=["C0" if r.impl == "gpufc" else "C1" for r in rows])
-        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30)
-    elif unit == "kcall/s":
-        impls = _impls_in(rows)
-        width = 0.8 / max(1, len(impls))
-        for j, impl in enumerate(impls):
-            vals = [next((1e6 * r.median_s for r in rows if r.shape == s and r.impl == impl), 0.0) for s in shapes]
-            ax.bar([i + j * width for i in range(len(shapes))], vals, width, label=impl)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
-        ax.set_ylabel("host time per call (us)")
-    else:
-        for impl in _impls_in(rows):
-            pts = [r for r in rows if r.impl == impl]
-            if numeric:
-                xs = [r.m if r.family == "square" else r.elements for r in pts]
-                order = np.argsort(xs)
-                ax.plot([xs[i] for i in order], [pts[i].rate for i in order], "o-", label=impl)
-            else:
-                ax.plot([shapes.index(r.shape) for r in pts], [r.rate for r in pts], "o-", label=impl)
-        if numeric:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("M = K = N" if rows[0].family == "square" else "elements")
-        else:
-            ax.set_xticks(range(len(shapes)), shapes, rotation=30, fontsize=7)
-            ax.set_xlabel("shape MxKxN")
-        ax.set_ylabel(unit)
-        peak = env.get("fp32_peak_tflops")
-        if unit == "TFLOP/s" and peak:
-            ax.axhline(peak, color="k", ls="--", lw=1, label=f"FP32 peak {peak} (datasheet)")
-        bw = env.get("copy_GBps")
-        if unit == "GB/s" and bw:
-            ax.axhline(bw, color="k", ls=":", lw=1, label=f"measured copy {bw:.0f} GB/s")
-        ax.set_ylim(bottom=0)
-    ax.set_title(op, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-
-
-# ----------------------------------------------------------------------------
-# Static kernel report (compile-only, no GPU)
-# ----------------------------------------------------------------------------
-
-
-def static_report(out_dir: Path, timeout: float = 900, log=print) -> dict:
-    """Run the source tree's ``bench/kernel_report.py --json <out>/kernel_report.json`` in a clean process.
-
-    The process runs without the simulator (compile-only needs real NVVM);
-    its printed table goes to ``kernel_report.txt``. Its figures are compile-time
-    (ptxas) evidence, not measured on a GPU.
-    """
-    script = source_root() / "bench" / "kernel_report.py"
-    if not script.is_file():
-        msg = (f"static kernel report unavailable: {script} not found (it ships with the source tree, "
-               "not the installed package)")
-        log(msg)
-        return {"status": "unavailable", "message": msg}
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM",)}
-    env["GPUFC_BACKEND"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source_root()), env.get("PYTHONPATH")]))
-    json_path = Path(out_dir).resolve() / "kernel_report.json"
-    log(f"static kernel report (compile-only, not measured on a GPU): {script.name} --json {json_path} ...")
-    try:
-        res = subprocess.run([sys.executable, str(script), "--json", str(json_path)], check=False,
-                             capture_output=True, text=True, env=env, timeout=timeout, cwd=str(source_root()))
-    except subprocess.TimeoutExpired:
-        msg = f"static kernel report: stopped after {timeout:.0f} s"
-        log(msg)
-        return {"status": "timeout", "message": msg}
-    text_path = Path(out_dir) / "kernel_report.txt"
-    text_path.write_text(res.stdout + ("\n" + res.stderr if res.returncode else ""))
-    status = "ok" if res.returncode == 0 else f"exit {res.returncode}"
-    paths = [str(p) for p in (text_path, json_path) if p.is_file()]
-    log(f"static kernel report ({status}, not measured on a GPU) written to {', '.join(paths)}")
-    return {"status": status, "paths": paths}
-
-
-# ----------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=("cuda", "sim", "cpu"), default=None,
-                        help="backend to run on (default: GPUFC_BACKEND, else auto-detected)")
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to run (default: all)")
-    parser.add_argument("--quick", action="store_true", help="few small shapes and short timings (CI smoke runs)")
-    parser.add_argument("--out", default="gpufc-bench", help="output folder (default ./gpufc-bench)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="stop starting new measurements after this many seconds (results so far are kept)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--static", choices=("auto", "yes", "no"), default="auto",
-                        help="run bench/kernel_report.py (compile-only); auto: only when no GPU was measured")
-    parser.add_argument("--static-timeout", type=float, default=900)
-
-
-def _progress_factory(total: int, stack):
-    """A rich progress bar on a terminal, else None (the per-row log lines are the progress)."""
-    if not sys.stderr.isatty():
-        return None, None
-    try:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    except ImportError:
-        return None, None
-    console = Console(stderr=True)
-    prog = stack.enter_context(Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                        TimeElapsedColumn(), console=console))
-    task = prog.add_task("gpufc bench", total=total)
-    state = {"started": False}
-
-    def tick(what):
-        if state["started"]:
-            prog.advance(task)
-        state["started"] = True
-        prog.update(task, description=f"gpufc bench: {what}")
-
-    return tick, console
-
-
-def run(args) -> int:
-    """``gpufc bench``: run the suite, write CSV, JSON, markdown and plots, print the summary table last."""
-    import contextlib
-
-    if "cupy" not in sys.modules:
-        os.environ["CUPY_TF32"] = "0"
-    os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
-    from . import backend as _backend
-
-    if args.backend:
-        _backend.set_backend(args.backend)
-    name = _backend.get_backend()
-    quick = bool(args.quick)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ops = list(dict.fromkeys(args.ops))
-    if name != "cuda":
-        print(f"gpufc bench: backend '{name}': {MEASURED_ON[name]}.", file=sys.stderr)
-    total = sum(len(plan(name, quick)[op]) for op in ops)
-    with contextlib.ExitStack() as stack:
-        tick, console = _progress_factory(total, stack)
-        log = (lambda msg: console.print(msg, markup=False, highlight=False)) if console else None
-        suite = Suite(name, quick=quick, dtype=np.dtype(args.dtype), budget_s=args.budget_s, log=log, progress=tick)
-        previous = signal.signal(signal.SIGTERM, _raise_stopped)
-        try:
-            rows = suite.run(ops)
-        except Stopped as why:  # write what was measured before the stop
-            suite.skipped.append(f"stopped by {why} before the suite finished")
-            rows = suite.rows
-            add_speedups(rows)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if tick:
-            tick("done")
-    env = suite.env
-    write_csv(out_dir / "results.csv", rows, env)
-    write_json(out_dir / "results.json", rows, env, suite.skipped)
-    (out_dir / "summary.md").write_text(markdown_summary(rows, env, suite.skipped))
-    table = text_table(rows, env)
-    (out_dir / "table.txt").write_text(table + "\n")
-    plots = [] if args.no_plots else write_plots(out_dir, rows, env, log=lambda m: print(m, file=sys.stderr))
-    static = None
-    if args.static == "yes" or (args.static == "auto" and name != "cuda"):
-        static = static_report(out_dir, args.static_timeout, log=lambda m: print(m, file=sys.stderr))
-    failed = [r for r in rows if r.ok is False]
-    print(f"wrote {out_dir}/results.csv, results.json, summary.md" + (", plots.png" if plots else "")
-          + (f"; static report: {static['status']}" if static else ""))
-    if suite.skipped:
-        print(f"skipped {len(suite.skipped)} measurements (time budget or errors); see summary.md")
-    if failed:
-        print(f"VALIDATION FAILED for {len(failed)} rows: "
-              + "; ".join(f"{r.op} {r.shape} {r.impl}" for r in failed[:10]))
-    if name != "cuda":
-        print(f"NOTE: {MEASURED_ON[name]}: no GPU was measured.")
-    print(table)
-    return 1 if failed else 0
-
-
-def cmd_bench(args) -> int:
-    return run(args)
-
-
-cmd_bench.configure = configure
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gpufc bench", description=__doc__.split("\n\n")[0])
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

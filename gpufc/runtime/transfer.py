@@ -1,6 +1,6 @@
-"""Host <-> device movement and streams: the one module that touches the caller's arrays.
+"""Host <-> device movement: the one module that touches the caller's arrays.
 
-Input rules (ARCHITECTURE.md): NumPy in -> NumPy out; CuPy in -> CuPy out with
+Input rules: NumPy in -> NumPy out; CuPy in -> CuPy out with
 no host copy; any other CUDA array (``__cuda_array_interface__`` or DLPack on
 a CUDA device, e.g. a torch tensor) in -> the same type out, zero-copy.
 
@@ -10,12 +10,8 @@ device view (copying only a host array or a non-contiguous device array);
 :func:`empty` allocates an output (CuPy on the ``cuda`` backend, Numba's
 simulator arrays on ``sim``); :func:`to_caller` returns it in the caller's type.
 
-Streams: :func:`stream_scope` turns a caller's ``stream=`` (None, a CuPy or
-torch stream, a Numba stream, anything with ``__cuda_stream__``, or a raw
-``cudaStream_t`` int) into the Numba stream the kernels are queued on, and
-makes it CuPy's current stream for the call so that the outputs' allocations
-and any copies are ordered on it too. Nothing here synchronises except
-returning a result to a NumPy caller.
+Streams are :mod:`gpufc.runtime.streams` (re-exported here). Nothing here
+synchronises except returning a result to a NumPy caller.
 
 Call overhead: this module runs on every call, so its fast paths are the
 common cases: an exact ``numpy.ndarray`` or ``cupy.ndarray`` is classified by a
@@ -32,6 +28,7 @@ import sys
 import numpy as np
 
 from . import backend as _backend
+from .streams import _NO_SCOPE, current_stream, stream_handle, stream_scope  # noqa: F401  (re-exported)
 
 _KDL_CUDA = 2  # DLPack device types: 2 = CUDA, 13 = CUDA managed
 _KDL_CUDA_MANAGED = 13
@@ -230,125 +227,3 @@ def _foreign(holder, like):
     if from_dlpack is not None:
         return from_dlpack(holder)
     return holder  # unknown CUDA array type: CuPy exposes the same interface
-
-
-# ----------------------------------------------------------------------------
-# Streams
-# ----------------------------------------------------------------------------
-
-_numba_streams: dict = {}  # cudaStream_t handle -> numba Stream
-_cupy_streams: dict = {}  # cudaStream_t handle -> cupy ExternalStream
-
-
-def current_stream():
-    """The Numba stream to launch on: CuPy's current stream on ``cuda``, else the default stream."""
-    cupy = _backend.cupy_or_none()
-    if cupy is None:
-        return _numba_stream(0)
-    return _numba_stream(cupy.cuda.get_current_stream().ptr)
-
-
-def _numba_stream(handle: int):
-    """One Numba stream object per handle: Numba caches launch configurations by stream identity."""
-    stream = _numba_streams.get(handle)
-    if stream is None:
-        cuda = _backend.numba_cuda()
-        stream = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
-        _numba_streams[handle] = stream
-    return stream
-
-
-def stream_handle(stream) -> int:
-    """The ``cudaStream_t`` of a caller's ``stream=`` argument, as an int.
-
-    Accepts a raw handle (int >= 0; 0 is the default stream), anything with
-    ``__cuda_stream__`` (the CUDA stream protocol: ``(version, handle)``; Numba
-    and cuda.core streams), a CuPy stream (``.ptr``) or a torch stream
-    (``.cuda_stream``).
-    """
-    if isinstance(stream, (bool, np.bool_)):
-        raise TypeError(f"stream must be a CUDA stream or an int handle, got stream={stream!r}")
-    if isinstance(stream, (int, np.integer)):
-        handle = int(stream)
-    else:
-        proto = getattr(stream, "__cuda_stream__", None)
-        if proto is not None:
-            value = proto() if callable(proto) else proto
-            handle = value[1]
-        elif hasattr(stream, "ptr"):
-            handle = stream.ptr
-        elif hasattr(stream, "cuda_stream"):
-            handle = stream.cuda_stream
-        else:
-            raise TypeError(
-                "stream must be None, a CuPy, torch or Numba stream, an object with __cuda_stream__, "
-                f"or an int handle; got {type(stream).__name__}"
-            )
-        handle = int(handle)
-    if handle < 0:
-        raise ValueError(f"stream handle must be >= 0, got stream={stream!r}")
-    return handle
-
-
-class _Scope:
-    """Context of one call: the Numba stream to launch on, and CuPy's current stream while inside."""
-
-    __slots__ = ("_cupy_stream", "stream")
-
-    def __init__(self, stream, cupy_stream=None):
-        self.stream = stream
-        self._cupy_stream = cupy_stream
-
-    def __enter__(self):
-        if self._cupy_stream is not None:
-            self._cupy_stream.__enter__()
-        return self.stream
-
-    def __exit__(self, *exc):
-        if self._cupy_stream is not None:
-            self._cupy_stream.__exit__(*exc)
-        return False
-
-
-class _NoScope:
-    """The ``cpu`` backend: there is no stream; the argument was only validated."""
-
-    __slots__ = ()
-    stream = None
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_SCOPE = _NoScope()
-
-
-def stream_scope(stream=None):
-    """``with stream_scope(stream) as s:`` launch on ``s``; allocations follow it.
-
-    ``stream=None`` is CuPy's current stream (``cuda``) or the default stream
-    (``sim``). On ``sim`` and ``cpu`` a given stream is validated and ignored:
-    the simulator and NumPy run synchronously.
-    """
-    name = _backend.get_backend()
-    if stream is not None:
-        handle = stream_handle(stream)
-    if name == "cpu":
-        return _NO_SCOPE
-    if name == "sim" or stream is None:
-        return _Scope(current_stream())
-    cupy = _backend.cupy_or_none()
-    if cupy is None or cupy.cuda.get_current_stream().ptr == handle:
-        return _Scope(_numba_stream(handle))
-    if _module_root(stream) == "cupy" and hasattr(stream, "__enter__"):
-        cupy_stream = stream
-    else:
-        cupy_stream = _cupy_streams.get(handle)
-        if cupy_stream is None:
-            cupy_stream = _cupy_streams[handle] = (
-                cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle)
-            )
-    return _Scope(_numba_stream(handle), cupy_stream)

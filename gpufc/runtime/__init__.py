@@ -1,0 +1,9 @@
+"""The runtime: where gpufc runs and how a call reaches the device.
+
+- :mod:`.backend`   which backend (``cuda``, ``sim``, ``cpu``) and the lazy imports behind it
+- :mod:`.transfer`  the caller's arrays: classification, device views, outputs in the caller's type
+- :mod:`.streams`   the caller's ``stream=`` and CuPy's current stream
+- :mod:`.launch`    kernel launch on the device
+
+Nothing here is imported by ``import gpufc`` beyond :mod:`.backend`'s light part.
+"""
