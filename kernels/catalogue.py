@@ -14,7 +14,7 @@ class KernelSpec:
     name: str  # unique, e.g. "matmul/v1_t16/float32/NN/gelu+bias+drop+z"
     pyfunc: object  # the Python function before cuda.jit
     signature: str  # the launch signature, e.g. "void(float32[:, ::1], ...)"
-    main_loop: bool = False  # True where the static report should measure the main loop's FFMA share
+    main_loop: bool = False  # True where the static report should measure the main loop's FFMA (HMMA) share
     launch_bounds: tuple | None = None  # cuda.jit(launch_bounds=...) the kernel is compiled with, if any
     threads: int | None = None  # threads per block it launches with (the static report's occupancy), if fixed
     archs: tuple | None = None  # the compute capabilities the compile tier checks it for, e.g. ((9, 0),); None: all
@@ -22,5 +22,6 @@ class KernelSpec:
 
 def specs():
     from . import dropout, linear
+    from .linear import tensorcore
 
-    return list(linear.catalogue()) + list(dropout.catalogue())
+    return list(linear.catalogue()) + list(dropout.catalogue()) + list(tensorcore.catalogue())

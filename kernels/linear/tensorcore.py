@@ -58,18 +58,12 @@ import numba
 import numpy as np
 from numba import cuda, uint32, uint64
 
-from . import mma as M
+from gpufc.runtime.launch import serialised_in_sim
 
-try:  # the layout after the kernels/linear move
-    from .epilogue import PLAIN, Epilogue, make_element_store
-except ImportError:
-    from .epilogue import PLAIN, Epilogue, make_element_store
 from ..activations import make_activation
-
-try:  # the layout after the kernels/dropout move
-    from ..dropout.philox import THREE, TWO, philox_block, select_word
-except ImportError:
-    from ..dropout.philox import THREE, TWO, philox_block, select_word
+from ..dropout.philox import THREE, TWO, philox_block, select_word
+from . import mma as M
+from .epilogue import PLAIN, Epilogue, make_element_store
 
 KINDS = ("tf32", "f16", "bf16")
 K_BYTES = 64  # bytes of k per shared slice: 16 TF32 or 32 16-bit values, two mma k-steps
@@ -572,6 +566,7 @@ def _as_storage(arr, kind):
     return arr.view(np.uint16)
 
 
+@serialised_in_sim
 def launch_mma(a, b, bias, y, zout, *, kind, trans_a=False, trans_b=False, ep: Epilogue = PLAIN, key=(0, 0),
                offset=0, threshold=0, scale=0.0, config=None, stream=0):
     """Launch ``y = epilogue(op(a) @ op(b))`` on tensor cores (device arrays, C-contiguous).
@@ -655,6 +650,7 @@ def make_act_dropout_backward16(kind: str, activation, dropout: bool):
     return cuda.jit(ACT_BWD16_SIG)(act_dropout_backward16_source(kind, activation, bool(dropout)))
 
 
+@serialised_in_sim
 def launch_act_dropout_backward16(grad, z, g, *, kind, activation, dropout, key, offset, threshold, scale,
                                   stream=0):
     """``g = dropout'(grad) * act'(z)`` for 16-bit data (flat (n,) arrays, n > 0; ``z`` any array
@@ -692,6 +688,7 @@ def make_bias_grad16(kind: str):
     return cuda.jit(BIAS_GRAD16_SIG)(bias_grad16_source(kind))
 
 
+@serialised_in_sim
 def launch_bias_grad16(g, out, *, kind, stream=0):
     """``out (N,) = g (M, N).sum(0)`` for 16-bit data, float32 sums, N > 0."""
     g, out = _as_storage(g, kind), _as_storage(out, kind)
