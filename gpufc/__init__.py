@@ -10,6 +10,7 @@ from .functional import dropout, dropout_backward, linear, linear_backward, line
 from .nn.layers import CheckpointError, DropoutLayer, FullyConnectedLayer, Module, Sequential
 from .nn.losses import SoftmaxCrossEntropy, softmax_cross_entropy
 from .masks import dropout_mask, dropout_with_mask, pack_mask, unpack_mask
+from .precision import get_matmul_precision, set_matmul_precision
 from .nn.optim import SGD, Adam
 
 __version__ = "0.1.0"
@@ -29,12 +30,14 @@ __all__ = [
     "dropout_mask",
     "dropout_with_mask",
     "get_backend",
+    "get_matmul_precision",
     "linear",
     "linear_backward",
     "linear_forward",
     "pack_mask",
     "reference",
     "set_backend",
+    "set_matmul_precision",
     "softmax_cross_entropy",
     "unpack_mask",
 ]

@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from .runtime import backend as _backend
+from . import precision as _prec
 from . import reference as _ref
 from .runtime import transfer as _tx
 
@@ -101,10 +102,10 @@ class _LinearArgs:
 
 
 def _linear_args(x, weights, biases, activation) -> _LinearArgs:
-    xo = _tx.operand(x, "x")
-    wo = _tx.operand(weights, "weights")
-    _check_float(xo)
-    _check_float(wo)
+    xo = _prec.operand(x, "x", _tx.operand)
+    wo = _prec.operand(weights, "weights", _tx.operand)
+    _prec.check_float(xo)
+    _prec.check_float(wo)
     _check_same_dtype(xo, wo)
     if len(wo.shape) != 2:
         raise ValueError(f"weights must have shape (input_size, output_size), got weights.shape={wo.shape}")
@@ -115,8 +116,8 @@ def _linear_args(x, weights, biases, activation) -> _LinearArgs:
         )
     bo = None
     if biases is not None:
-        bo = _tx.operand(biases, "biases")
-        _check_float(bo)
+        bo = _prec.operand(biases, "biases", _tx.operand)
+        _prec.check_float(bo)
         _check_same_dtype(xo, bo)
         if bo.shape != (n,):
             raise ValueError(f"biases must have shape ({n},) to match weights.shape={wo.shape}, got biases.shape={bo.shape}")
@@ -156,13 +157,18 @@ def _dummy_bias(dtype):
     return entry[0]
 
 
-def forward_device(xv, wv, bv, rows: int, n: int, dtype, activation, drop: Dropout, save: bool, stream):
+def forward_device(xv, wv, bv, rows: int, n: int, dtype, activation, drop: Dropout, save: bool, stream,
+                   kind=None):
     """Launch ``y = dropout(act(x @ w + b))`` on device views; one allocation per output.
 
     Shapes: xv (rows, K), wv (K, N), bv (N,) or None; rows, K, N > 0.
     Returns ``(y_holder, z_view, z_holder)``: the output and, when ``save``,
-    the pre-activation ``x @ w + b`` (else None, None).
+    the pre-activation ``x @ w + b`` (else None, None). ``kind`` ("tf32", "f16",
+    "bf16"; :func:`gpufc.precision.kind`) runs the tensor-core kernels instead.
     """
+    if kind is not None:
+        return _prec.forward_device(xv, wv, bv, rows, n, dtype, kind, activation, drop, save, stream, _tx.empty,
+                                    _dummy_bias)
     k = _kernels()
     yv, yh = _tx.empty((rows, n), dtype)
     zv, zh = _tx.empty((rows, n), dtype) if save else (yv, None)
@@ -173,15 +179,19 @@ def forward_device(xv, wv, bv, rows: int, n: int, dtype, activation, drop: Dropo
 
 
 def backward_device(xv, wv, gov, zv, rows: int, k: int, n: int, dtype, activation, drop: Dropout, stream,
-                    need_x: bool = True, need_b: bool = True):
+                    need_x: bool = True, need_b: bool = True, kind=None):
     """Launch the backward of :func:`forward_device` on device views.
 
     Shapes: xv (rows, K), wv (K, N), gov and zv (rows, N) (zv only read with an
     activation); rows, K, N > 0. ``g = dropout'(grad) * act'(z)`` is one fused
     elementwise kernel, then ``grad_x = g @ w.T`` and ``grad_w = x.T @ g`` read
     the operands in their stored layouts, and ``grad_b = g.sum(0)``.
-    Returns holders ``(grad_x or None, grad_w, grad_b or None)``.
+    Returns holders ``(grad_x or None, grad_w, grad_b or None)``. ``kind``: the
+    tensor-core kernels, as in :func:`forward_device`.
     """
+    if kind is not None:
+        return _prec.backward_device(xv, wv, gov, zv, rows, k, n, dtype, kind, activation, drop, stream, _tx.empty,
+                                     _dummy_bias, need_x, need_b)
     kk = _kernels()
     if activation is not None or drop.active:
         gv, _gh = _tx.empty((rows * n,), dtype)
@@ -215,11 +225,11 @@ def backward_device(xv, wv, gov, zv, rows: int, k: int, n: int, dtype, activatio
 
 
 def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True, seed=0, offset=0,
-           stream=None):
+           stream=None, precision=None):
     """Fully connected layer: ``dropout(act(x @ weights + biases))``, fused in one kernel.
 
     Args:
-        x: ``(..., input_size)``, float32 or float64; NumPy, CuPy or any CUDA array.
+        x: ``(..., input_size)``, float32, float64, float16 or bfloat16; NumPy, CuPy or any CUDA array.
         weights: ``(input_size, output_size)``, the same dtype (the seed article's
             and Keras' layout: the transpose of torch's ``nn.Linear.weight``).
         biases: ``(output_size,)`` or None.
@@ -228,6 +238,9 @@ def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=
         training: dropout is the identity when False.
         seed, offset: the Philox key and element offset of the dropout mask.
         stream: where to queue the work (see the module docstring); None is CuPy's current stream.
+        precision: float32 matmuls in ``"ieee"`` or ``"tf32"`` (tensor cores); None: the
+            process default (:func:`gpufc.set_matmul_precision`). float64 ignores it; float16
+            and bfloat16 always run on the tensor cores (:mod:`gpufc.precision`).
 
     Returns:
         ``(..., output_size)`` in the caller's array type.
@@ -237,13 +250,13 @@ def linear(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=
     """
     y, _ = linear_forward(
         x, weights, biases, activation=activation, dropout_p=dropout_p, training=training,
-        seed=seed, offset=offset, save_preact=False, stream=stream,
+        seed=seed, offset=offset, save_preact=False, stream=stream, precision=precision,
     )
     return y
 
 
 def linear_forward(x, weights, biases=None, *, activation=None, dropout_p=0.0, training=True,
-                   seed=0, offset=0, save_preact=False, stream=None):
+                   seed=0, offset=0, save_preact=False, stream=None, precision=None):
     """:func:`linear` that also returns the pre-activation ``x @ weights + biases`` when asked.
 
     Returns ``(y, preact)``; ``preact`` is None unless ``save_preact`` (the layers
@@ -252,20 +265,26 @@ def linear_forward(x, weights, biases=None, *, activation=None, dropout_p=0.0, t
     a = _linear_args(x, weights, biases, activation)
     drop = Dropout.make(dropout_p, seed, offset, training)
     save = bool(save_preact)
+    prec = _prec.resolve(precision)
+    kind = _prec.kind(a.x.dtype, prec)
     with _tx.stream_scope(stream) as s:
         if _backend.get_backend() == "cpu":
             b = None if a.b is None else _tx.host_array(a.b)
-            y, z = _ref_forward(_tx.host_array(a.x).reshape(a.rows, a.k), _tx.host_array(a.w), b,
-                                activation, drop)
+            x2, w = _tx.host_array(a.x).reshape(a.rows, a.k), _tx.host_array(a.w)
+            if kind is None:
+                y, z = _ref_forward(x2, w, b, activation, drop)
+            else:
+                y, z = _prec.ref_forward(x2, w, b, activation, drop, prec)
             return y.reshape(a.out_shape), (z.reshape(a.out_shape) if save else None)
         if a.rows == 0 or a.n == 0 or a.k == 0:
             return _empty_linear(a, activation, drop, save)
-        xv, _xk = _tx.device_view(a.x, (a.rows, a.k))
-        wv, _wk = _tx.device_view(a.w)
-        bv, _bk = _tx.device_view(a.b) if a.b is not None else (None, None)
-        yh, _zv, zh = forward_device(xv, wv, bv, a.rows, a.n, a.x.dtype, activation, drop, save, s)
-        y = _tx.to_caller(yh, a.x, a.out_shape)
-        return y, (_tx.to_caller(zh, a.x, a.out_shape) if save else None)
+        dev = _prec.device_operand  # bfloat16 data as their int16 bit patterns; the rest as is
+        xv, _xk = _tx.device_view(dev(a.x), (a.rows, a.k))
+        wv, _wk = _tx.device_view(dev(a.w))
+        bv, _bk = _tx.device_view(dev(a.b)) if a.b is not None else (None, None)
+        yh, _zv, zh = forward_device(xv, wv, bv, a.rows, a.n, a.x.dtype, activation, drop, save, s, kind)
+        y = _prec.as_dtype(_tx.to_caller(yh, a.x, a.out_shape), a.x.dtype)
+        return y, (_prec.as_dtype(_tx.to_caller(zh, a.x, a.out_shape), a.x.dtype) if save else None)
 
 
 def _ref_forward(x2, w, b, activation, drop: Dropout):
@@ -295,7 +314,7 @@ def _empty_linear(a: _LinearArgs, activation, drop: Dropout, save: bool):
 
 
 def linear_backward(x, weights, grad_output, preact=None, *, biases=None, activation=None,
-                    dropout_p=0.0, training=True, seed=0, offset=0, stream=None):
+                    dropout_p=0.0, training=True, seed=0, offset=0, stream=None, precision=None):
     """Backward of :func:`linear`.
 
     Args:
@@ -307,50 +326,57 @@ def linear_backward(x, weights, grad_output, preact=None, *, biases=None, activa
             ``activation`` is not None, recomputed if omitted.
         biases, activation, dropout_p, training, seed, offset: as in the forward.
         stream: where to queue the work, as in :func:`linear`.
+        precision: as in :func:`linear` (the tensor cores compute ``grad_x`` and ``grad_weights``).
 
     Returns:
         ``(grad_x (..., K), grad_weights (K, N), grad_biases (N,))`` in the caller's type.
         The dropout mask is regenerated from ``(seed, offset)``, never stored.
     """
     a = _linear_args(x, weights, biases, activation)
-    go = _tx.operand(grad_output, "grad_output")
-    _check_float(go)
+    go = _prec.operand(grad_output, "grad_output", _tx.operand)
+    _prec.check_float(go)
     _check_same_dtype(a.x, go)
+    prec = _prec.resolve(precision)
+    kind = _prec.kind(a.x.dtype, prec)
     if go.shape != a.out_shape:
         raise ValueError(f"grad_output must have shape {a.out_shape} (the forward's output), got {go.shape}")
     drop = Dropout.make(dropout_p, seed, offset, training)
     if activation is not None and preact is None:
         _, preact = linear_forward(x, weights, biases, activation=activation, training=False, save_preact=True,
-                                   stream=stream)
+                                   stream=stream, precision=prec)
     po = None
     if activation is not None:
-        po = _tx.operand(preact, "preact")
+        po = _prec.operand(preact, "preact", _tx.operand)
         _check_same_dtype(a.x, po)
         if po.shape != a.out_shape:
             raise ValueError(f"preact must have shape {a.out_shape}, got {po.shape}")
 
     with _tx.stream_scope(stream) as s:
         if _backend.get_backend() == "cpu" or a.rows == 0 or a.n == 0 or a.k == 0:
-            return _linear_backward_host(a, go, po, activation, drop)
-        xv, _xk = _tx.device_view(a.x, (a.rows, a.k))
-        wv, _wk = _tx.device_view(a.w)
-        gov, _gk = _tx.device_view(go, (a.rows, a.n))
-        zv, _zk = _tx.device_view(po, (a.rows, a.n)) if po is not None else (None, None)
-        gxh, gwh, gbh = backward_device(xv, wv, gov, zv, a.rows, a.k, a.n, a.x.dtype, activation, drop, s)
+            return _linear_backward_host(a, go, po, activation, drop, prec)
+        dev = _prec.device_operand
+        xv, _xk = _tx.device_view(dev(a.x), (a.rows, a.k))
+        wv, _wk = _tx.device_view(dev(a.w))
+        gov, _gk = _tx.device_view(dev(go), (a.rows, a.n))
+        zv, _zk = _tx.device_view(dev(po), (a.rows, a.n)) if po is not None else (None, None)
+        gxh, gwh, gbh = backward_device(xv, wv, gov, zv, a.rows, a.k, a.n, a.x.dtype, activation, drop, s,
+                                        kind=kind)
+        dt = a.x.dtype
         return (
-            _tx.to_caller(gxh, a.x, a.x.shape),
-            _tx.to_caller(gwh, a.x),
-            _tx.to_caller(gbh, a.x),
+            _prec.as_dtype(_tx.to_caller(gxh, a.x, a.x.shape), dt),
+            _prec.as_dtype(_tx.to_caller(gwh, a.x), dt),
+            _prec.as_dtype(_tx.to_caller(gbh, a.x), dt),
         )
 
 
-def _linear_backward_host(a: _LinearArgs, go: _tx.Operand, po, activation, drop: Dropout):
+def _linear_backward_host(a: _LinearArgs, go: _tx.Operand, po, activation, drop: Dropout, precision="ieee"):
     on_cpu = _backend.get_backend() == "cpu"
     get = _tx.host_array if on_cpu else _tx.to_host
     gx, gw, gb = _ref.linear_backward(
         get(a.x).reshape(a.rows, a.k), get(a.w), get(go).reshape(a.rows, a.n),
         None if po is None else get(po).reshape(a.rows, a.n),
         activation=activation, dropout_p=drop.p, training=drop.active, seed=drop.seed, offset=drop.offset,
+        precision=precision,
     )
     gx = gx.reshape(a.x.shape)
     if on_cpu:

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..runtime import backend as _backend
 from .. import functional as F
+from .. import precision as _prec
 from .. import reference as _ref
 from ..runtime import transfer as _tx
 
@@ -412,6 +413,8 @@ class FullyConnectedLayer(Module):
         dtype: np.float32 (default) or np.float64.
         seed: seeds both the initial weights and the dropout key; random when None.
         device: "cpu" (NumPy parameters, default) or "cuda" (CuPy); see :meth:`to`.
+        precision: "ieee" or "tf32" (float32 matmuls on the tensor cores), forward and
+            backward; None follows :func:`gpufc.set_matmul_precision`. float64 ignores it.
 
     Shape:
         x ``(..., input_size)`` -> ``(..., output_size)``; ``weights (input_size, output_size)``,
@@ -428,7 +431,7 @@ class FullyConnectedLayer(Module):
     _param_names = ("weights", "biases")
 
     def __init__(self, input_size, output_size, *, bias=True, activation=None, dropout_rate=0.0,
-                 init=None, dtype=np.float32, seed=None, device="cpu"):
+                 init=None, dtype=np.float32, seed=None, device="cpu", precision=None):
         for name, v in (("input_size", input_size), ("output_size", output_size)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
@@ -452,6 +455,7 @@ class FullyConnectedLayer(Module):
         self.offset = 0
         self.training = True
         self.device = "cpu"
+        self.precision = None if precision is None else _ref.check_precision(precision)
         self._bias = bool(bias)
         self.weights = self.biases = None
         self.grad_weights = self.grad_biases = None
@@ -549,24 +553,30 @@ class FullyConnectedLayer(Module):
         offset = self.offset
         drop = self._drop.at(offset, active)
         save = training and self.activation is not None
+        prec = _prec.resolve(self.precision)
+        kind = _prec.kind(self.dtype, prec)
         if _backend.get_backend() == "cpu":
             _tx.stream_scope(stream)  # validates it; NumPy needs none
             self._check_params()
             x2 = _tx.host_array(xo).reshape(rows, k)
-            y, z = F._ref_forward(x2, _host(self.weights, "weights"), _host(self.biases, "biases"),
-                                  self.activation, drop)
+            w, b = _host(self.weights, "weights"), _host(self.biases, "biases")
+            if kind is None:
+                y, z = F._ref_forward(x2, w, b, self.activation, drop)
+            else:
+                y, z = _prec.ref_forward(x2, w, b, self.activation, drop, prec)
             self._ctx = _Ctx(xo, x2, None, None, z if save else None, None, rows, offset, active)
             y = y.reshape(out_shape)
         elif rows == 0:
             self._check_params()
             y, z = F.linear_forward(xo.value, self.weights, self.biases, activation=self.activation,
-                                    training=False, save_preact=save, stream=stream)
+                                    training=False, save_preact=save, stream=stream, precision=prec)
             self._ctx = _Ctx(xo, xo.value, None, None, z, None, rows, offset, active)
         else:
             with _tx.stream_scope(stream) as s:
                 xv, keep = _tx.device_view(xo, (rows, k))
                 wv, bv = self._device_params()
-                yh, zv, zh = F.forward_device(xv, wv, bv, rows, n, self.dtype, self.activation, drop, save, s)
+                yh, zv, zh = F.forward_device(xv, wv, bv, rows, n, self.dtype, self.activation, drop, save, s,
+                                              kind)
                 y = _tx.to_caller(yh, xo, out_shape)
             self._ctx = _Ctx(xo, None, xv, keep, zh, zv, rows, offset, active)
         if active:
@@ -599,17 +609,20 @@ class FullyConnectedLayer(Module):
             raise ValueError(f"grad_output must have the forward output's shape {out_shape}, got {go.shape}")
         k, n, rows = self.input_size, self.output_size, ctx.rows
         drop = self._drop.at(ctx.offset, ctx.active)
+        prec = _prec.resolve(self.precision)
+        kind = _prec.kind(self.dtype, prec)
         if _backend.get_backend() == "cpu":
             _tx.stream_scope(stream)
             w, b = _host(self.weights, "weights"), _host(self.biases, "biases")
             gx, gw, gb = _ref.linear_backward(
                 ctx.x, w, _tx.host_array(go).reshape(rows, n), ctx.z, biases=b, activation=self.activation,
-                dropout_p=drop.p, training=drop.active, seed=drop.seed, offset=drop.offset,
+                dropout_p=drop.p, training=drop.active, seed=drop.seed, offset=drop.offset, precision=prec,
             )
             gx = gx.reshape(ctx.xo.shape) if input_grad else None
         elif rows == 0:
             gx, gw, gb = F.linear_backward(ctx.x, self.weights, go.value, ctx.z, biases=self.biases,
-                                           activation=self.activation, training=False, stream=stream)
+                                           activation=self.activation, training=False, stream=stream,
+                                           precision=prec)
             gx = gx if input_grad else None
         else:
             with _tx.stream_scope(stream) as s:
@@ -618,9 +631,9 @@ class FullyConnectedLayer(Module):
                 zv = ctx.zv
                 if self.activation is not None and zv is None:  # an evaluation-mode forward kept no z
                     _, zv, _zh = F.forward_device(ctx.xv, wv, bv, rows, n, self.dtype, self.activation,
-                                                  drop.at(0, False), True, s)
+                                                  drop.at(0, False), True, s, kind)
                 gxh, gwh, gbh = F.backward_device(ctx.xv, wv, gov, zv, rows, k, n, self.dtype, self.activation,
-                                                  drop, s, need_x=input_grad, need_b=self._bias)
+                                                  drop, s, need_x=input_grad, need_b=self._bias, kind=kind)
                 gx = _tx.to_caller(gxh, ctx.xo, ctx.xo.shape) if input_grad else None
                 if _is_cupy(self.weights):
                     gw, gb = gwh, gbh
@@ -635,13 +648,13 @@ class FullyConnectedLayer(Module):
     def config(self) -> dict:
         return {"input_size": self.input_size, "output_size": self.output_size, "bias": self._bias,
                 "activation": self.activation, "dropout_rate": self.dropout_rate, "init": self.init,
-                "dtype": self.dtype.name, "seed": self.seed, "offset": self.offset}
+                "dtype": self.dtype.name, "seed": self.seed, "offset": self.offset, "precision": self.precision}
 
     @classmethod
     def from_config(cls, config: dict) -> FullyConnectedLayer:
         layer = cls(config["input_size"], config["output_size"], bias=config["bias"],
                     activation=config["activation"], dropout_rate=config["dropout_rate"], init=config["init"],
-                    dtype=np.dtype(config["dtype"]), seed=config["seed"])
+                    dtype=np.dtype(config["dtype"]), seed=config["seed"], precision=config.get("precision"))
         layer.offset = int(config.get("offset", 0))
         return layer
 
