@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import gpufc
-from gpufc.runtime import backend
 from gpufc import reference as ref
+from gpufc.runtime import backend
 
 SEED = 0x0123456789ABCDEF  # both key words non-zero
 N = 11  # elements of the 1-D tensors: a head group, two whole groups, a tail group at offset % 4 != 0

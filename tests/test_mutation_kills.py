@@ -39,3 +39,37 @@ def test_dropout_layer_with_rate_zero_draws_no_mask(cpu_backend):
     x = np.ones((2, 5), np.float32)
     np.testing.assert_array_equal(layer.forward(x), x)
     assert layer.offset == 0
+
+
+@pytest.mark.reference
+def test_reference_takes_array_likes():
+    # kills: a dropped `x = np.asarray(x)` in reference.dropout, linear and linear_backward
+    x, w, b = [[1.0, -2.0, 0.5]], [[1.0, 0.0], [0.5, 2.0], [-1.0, 1.0]], [0.25, -0.5]
+    xa, wa, ba = np.array(x), np.array(w), np.array(b)
+    np.testing.assert_array_equal(ref.dropout(x[0], 0.5, seed=SEED), ref.dropout(xa[0], 0.5, seed=SEED))
+    np.testing.assert_array_equal(ref.linear(x, w, b, activation="tanh"), ref.linear(xa, wa, ba, activation="tanh"))
+    go = [[1.0, -1.0]]
+    for got, want in zip(ref.linear_backward(x, w, go, biases=b, activation="tanh"),
+                         ref.linear_backward(xa, wa, np.array(go), biases=ba, activation="tanh")):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.reference
+def test_linear_backward_without_bias_recomputes_the_preactivation():
+    # kills: `x @ w + (0 if biases is None ...)` -> `+ (1 ...)` when backward recomputes z = x @ w
+    rng = np.random.default_rng(5)
+    x, w, go = rng.standard_normal((4, 3)), rng.standard_normal((3, 2)), rng.standard_normal((4, 2))
+    g = go * (1.0 - np.tanh(x @ w) ** 2)  # d tanh(z) / dz = 1 - tanh(z)^2
+    gx, gw, gb = ref.linear_backward(x, w, go, activation="tanh")
+    np.testing.assert_allclose(gx, g @ w.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gw, x.T @ g, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gb, g.sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.reference
+def test_packed_size_is_the_byte_count_of_every_size():
+    # kills: `-(-size // 8)` -> `// 7` or `// 9` (sizes below 8 bytes' worth agree by chance)
+    for size in range(80):
+        assert ref.packed_size(size) == (size + 7) // 8, size
+        mask = np.arange(size) % 3 == 0
+        assert np.array_equal(ref.unpack_mask(ref.pack_mask(mask), size), mask)
