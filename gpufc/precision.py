@@ -53,6 +53,8 @@ def resolve(precision) -> str:
     """A call's ``precision=`` as ``"ieee"`` or ``"tf32"`` (None: the process default)."""
     if precision is None:
         return _DEFAULT_OF[_state["matmul"]]
+    if precision == "ieee" or precision == "tf32":  # the common cases, without the validation's cost
+        return precision
     return _ref.check_precision(precision)
 
 
@@ -72,9 +74,17 @@ def check_float(op) -> None:
                     "ml_dtypes.bfloat16 on the cpu backend)")
 
 
+_KINDS: dict = {}  # (dtype, precision) -> kind: one dict lookup per call
+
+
 def kind(dtype, precision: str):
     """The tensor-core format (``"tf32"``, ``"f16"``, ``"bf16"``) or None for the SIMT kernels."""
-    return _ref.tensor_core_kind(dtype, precision)
+    key = (dtype, precision)
+    try:
+        return _KINDS[key]
+    except KeyError:
+        k = _KINDS[key] = _ref.tensor_core_kind(dtype, precision)
+        return k
 
 
 _checked: dict = {}
@@ -183,7 +193,8 @@ def _bf16_dtype():
 def operand(value, name: str, classify):
     """``classify(value, name)`` (gpufc's operand classifier), except that a torch bfloat16
     tensor is classified through its int16 view and labelled bfloat16."""
-    if type(value).__module__.split(".", 1)[0] == "torch" and str(getattr(value, "dtype", "")) == "torch.bfloat16":
+    t = type(value)
+    if t is not np.ndarray and t.__module__.startswith("torch") and str(getattr(value, "dtype", "")) == "torch.bfloat16":
         import torch
 
         op = classify(value.view(torch.int16), name)
