@@ -12,7 +12,7 @@ from helpers import run_clean_python
 pytestmark = pytest.mark.compile
 
 _SCRIPT = r"""
-import json, sys
+import json, re, sys
 from gpufc.runtime import backend
 from gpufc.tools import compile as C
 try:
@@ -37,15 +37,20 @@ def row(job):
     loop = C.main_loop(r.sass) if disassemble and s.main_loop else None
     return dict(name=s.name, arch=r.arch, regs=r.registers, spill=r.spill_bytes, stack=r.stack_bytes,
                 local=r.local_instructions if disassemble else None,
-                fma_share=loop.fma_share if loop else None)
+                fma_share=loop.fma_share if loop else None,
+                hmma_ops=sorted(set(re.findall(r"\bHMMA\.[A-Z0-9.]+", r.sass))) if disassemble else None,
+                loop_hmma=loop.hmma if loop else None)
 
 jobs = [(i, cc) for cc in ((8, 0), (9, 0)) for i in range(len(specs)) if specs[i].archs is None or cc in specs[i].archs]
 with concurrent.futures.ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
     rows = list(pool.map(row, jobs))  # forked workers inherit specs
 from gpufc.kernels.linear.configs import PREFERRED
+from gpufc.kernels.linear import tensorcore as TC
 import numpy as np
+# mma kernels: HMMA per K slice = mma tiles per warp x k-steps per slice (2 in every format)
+mma_per_slice = {c.name: c.mi * c.ni * 2 for c in TC.CONFIGS}
 print(json.dumps({"rows": rows, "jobs": len(jobs), "disassembled": disassemble,
-                  "large": PREFERRED[np.dtype(np.float32)][0]}))
+                  "large": PREFERRED[np.dtype(np.float32)][0], "mma_per_slice": mma_per_slice}))
 """
 
 
@@ -96,3 +101,21 @@ def test_large_tile_main_loop_is_fma_bound(compiled):
     assert len(big) == 8, f"expected the {large} float32 kernels for sm_80 and sm_90, got {len(big)}"
     low = [(r["name"], r["arch"], round(r["fma_share"] or 0, 3)) for r in big if (r["fma_share"] or 0) < 0.80]
     assert not low, f"main-loop FFMA share below 0.80: {low}"
+
+
+def test_tensor_core_kernels_issue_the_format_s_hmma(compiled):
+    # Every mma.sync kernel (kernels/linear/tensorcore.py) has its format's tensor-core
+    # instruction in SASS, and its main loop (gpufc.tools.compile.main_loop) holds all of one
+    # K slice's: mma tiles per warp x 2 k-steps, or a multiple where ptxas unrolls the loop.
+    if not compiled["disassembled"]:
+        pytest.skip("nvdisasm not found (pip install nvidia-cuda-nvdisasm)")
+    want = {"tf32": ["HMMA.1688.F32.TF32"], "f16": ["HMMA.16816.F32"], "bf16": ["HMMA.16816.F32.BF16"]}
+    rows = [r for r in compiled["rows"] if r["name"].startswith("mma/")]
+    assert len(rows) >= 2 * 3 * 3, f"expected the tensor-core kernels in the catalogue, got {len(rows)}"
+    bad = []
+    for r in rows:
+        _, config, kind = r["name"].split("/")[:3]
+        per_slice = compiled["mma_per_slice"][config]
+        if r["hmma_ops"] != want[kind] or not r["loop_hmma"] or r["loop_hmma"] % per_slice:
+            bad.append((r["name"], r["arch"], r["hmma_ops"], r["loop_hmma"]))
+    assert not bad, f"tensor-core kernels without their HMMA in the main loop: {bad[:5]}"
