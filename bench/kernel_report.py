@@ -97,6 +97,7 @@ def report_row(index: int, cc: tuple[int, int]) -> dict:
                 "ldg": loop.count("LDG"),
                 "sts": loop.count("STS"),
                 "bar": loop.count("BAR"),
+                "fma_behind_barrier": loop.fma_behind_barrier,
                 "hmma": loop.hmma,
                 "hmma_share": round(loop.hmma_share, 4),
                 "ldsm": loop.count("LDSM"),

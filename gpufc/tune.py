@@ -181,15 +181,17 @@ def candidates(m: int, n: int, k: int, dtype) -> list[tuple[str, int | None]]:
     import numpy as np
 
     from .kernels.linear import splitk
-    from .kernels.linear.configs import DTYPE_CONFIGS, config_by_name
+    from .kernels.linear.configs import DTYPE_CONFIGS, config_by_name, device_sm_count
 
+    sms = device_sm_count()
     out = []
     for name in DTYPE_CONFIGS[np.dtype(dtype)]:
         out.append((name, None))
         cfg = config_by_name(name)
         if getattr(cfg, "version", 2) == 3:
             gx, gy = cfg.grid(m, n)
-            for chunk in sorted({c for c in (splitk.choose_chunk(m, n, k, gx * gy, 132),) if c}):
+            chunk = splitk.choose_chunk(m, n, k, gx * gy, sms)
+            if chunk:
                 out.append((name, chunk))
     return out
 
@@ -225,7 +227,7 @@ def time_problem(m: int, n: int, k: int, dtype, layout: str = "NN", repeats: int
             if getattr(cfg, "version", 2) == 3:
                 v3.launch(a, b, bias, y, y, cfg=cfg, trans_a=ta, trans_b=tb, ep=E.PLAIN, chunk=chunk, ws=ws)
             else:
-                k_.matmul.launch_matmul(a, b, bias, y, y, trans_a=ta, trans_b=tb, ep=E.PLAIN, config=cfg)
+                k_.linear.launch_matmul(a, b, bias, y, y, trans_a=ta, trans_b=tb, ep=E.PLAIN, config=cfg)
 
         run()  # compile and warm up
         cuda.synchronize()

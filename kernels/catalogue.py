@@ -22,6 +22,7 @@ class KernelSpec:
 
 def specs():
     from . import dropout, linear
-    from .linear import tensorcore
+    from .linear import tensorcore, v3_pipelined
 
-    return list(linear.catalogue()) + list(dropout.catalogue()) + list(tensorcore.catalogue())
+    return (list(linear.catalogue()) + list(dropout.catalogue()) + list(tensorcore.catalogue())
+            + list(v3_pipelined.catalogue()))

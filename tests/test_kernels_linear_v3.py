@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from helpers import assert_close, tolerance
 
-from gpufc.runtime import backend as _backend
 from gpufc import reference as ref
+from gpufc.runtime import backend as _backend
 
 pytestmark = pytest.mark.kernels
 
@@ -98,25 +98,24 @@ def test_v3_tiny_and_empty_k(device_backend, rng, m, k, n):
     assert_close(y, want, rtol=1e-5, atol=1e-5, what=f"{m}x{k}x{n}")
 
 
-@pytest.mark.parametrize("name,layout", [("v3_t128x128k16w", "NN"), ("v3_t128x128w", "TN"),
-                                         ("v3_t128x64", "NT")])
-def test_v3_large_tiles_full_epilogue(device_backend, rng, name, layout):
-    # The 8 x 8 thread tiles once each (simulator time): gelu + bias + dropout + pre-activation,
-    # offset 3 and N odd so runs of 4 outputs straddle Philox blocks; the mask exactly.
-    cfg = _cfg(name)
-    m, k, n, offset = 9, cfg.bk + 4, 13, 3
-    x, w, a, b = _operands(rng, m, k, n, layout)
+def test_v3_large_tile_full_epilogue_vector_loads(device_backend, rng):
+    # The large default with vector loads (tests/test_kernels_matmul.py runs it on odd shapes,
+    # the scalar loader): gelu + bias + dropout + pre-activation, offset 3 so runs of 4 outputs
+    # straddle Philox blocks; the mask exactly.
+    cfg = _cfg("v3_t128x128k16w")
+    m, k, n, offset = 12, cfg.bk + 4, 16, 3
+    x, w, a, b = _operands(rng, m, k, n, "NN")
     bias = rng.standard_normal(n).astype(np.float32)
     _, _, ep = _mods()
     y, z = _run(a, b, bias, m, n, cfg=cfg, ep=ep.Epilogue("gelu", bias=True, dropout=True, save_preact=True),
-                trans_a=layout[0] == "T", trans_b=layout[1] == "T", offset=offset)
+                offset=offset)
     x64, w64, b64 = (v.astype(np.float64) for v in (x, w, bias))
     rtol, atol = tolerance(np.float32, k)
-    assert_close(z, x64 @ w64 + b64, rtol=rtol, atol=atol, what=f"{name} pre-activation")
+    assert_close(z, x64 @ w64 + b64, rtol=rtol, atol=atol, what="pre-activation")
     keep = ref.dropout_keep_mask((m, n), P, SEED, offset)
     assert (y[~keep] == 0).all()
     want = ref.linear(x64, w64, b64, activation="gelu", dropout_p=P, seed=SEED, offset=offset)
-    assert_close(y, want, rtol=rtol, atol=atol, what=f"{name} gelu + dropout")
+    assert_close(y, want, rtol=rtol, atol=atol, what="gelu + dropout")
 
 
 def test_v3_same_bits_whatever_the_tile(device_backend, rng):
@@ -216,3 +215,34 @@ def test_choose_chunk_rule(device_backend):
     assert chunk % sk.CHUNK_QUANTUM == 0 and 2 <= sk.splits_for(4096, chunk) <= 132 // 32
     with pytest.raises(ValueError, match="chunk must be a positive"):
         sk.splits_for(10, 0)
+
+
+def test_default_table(device_backend):
+    # The device class's default table: the largest tile that fills 132 SMs, else split-K on the
+    # smallest; float64 keeps version 2's tiles; every row names a configuration of the table.
+    _backend.kernels()
+    lin = importlib.import_module("gpufc.kernels.linear")
+    assert lin.choose_config(4096, 4096, 4096, np.float32).name == "v3_t128x128k16w"
+    small = lin.choose_config(64, 512, 512, np.float32)
+    assert small.name == "v3_t32x32" and lin.configs.choose_chunk(small, 64, 512, 512, np.float32) == 256
+    assert lin.configs.choose_chunk(small, 4096, 4096, 4096, np.float32) is None
+    assert lin.choose_config(4096, 4096, 4096, np.float64).name == "t128x64"
+    for names in lin.PREFERRED.values():
+        assert all(lin.config_by_name(name) for name in names)
+
+
+def test_launch_matmul_routes_to_split_k(device_backend, rng, monkeypatch):
+    # gpufc.linear on a skinny shape runs split-K through the default table, with the same
+    # bits as version 3 forced with that chunk.
+    import gpufc
+
+    lin = importlib.import_module("gpufc.kernels.linear")
+    monkeypatch.setattr(lin.configs, "choose_chunk", lambda *args, **kwargs: 16)
+    x = rng.standard_normal((5, 40)).astype(np.float32)
+    w = rng.standard_normal((40, 6)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    y = gpufc.linear(x, w, b, activation="relu")
+    _, _, ep = _mods()
+    want, _ = _run(x, w, b, 5, 6, cfg=lin.choose_config(5, 6, 40, np.float32), ep=ep.Epilogue("relu", bias=True),
+                   chunk=16)
+    assert np.array_equal(np.asarray(y).view(np.uint32), want.view(np.uint32))

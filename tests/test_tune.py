@@ -98,3 +98,15 @@ def test_gpufc_tune_without_a_gpu_exits_nonzero_and_writes_nothing(tmp_path):
     assert out.returncode != 0
     assert "needs a CUDA GPU" in out.stderr and "Nothing was timed or written" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_candidates_cover_the_table_and_split_only_version_3():
+    from gpufc.runtime import backend
+
+    lin = backend.kernels().linear
+    got = tune.candidates(64, 512, 512, np.float32)
+    names = {name for name, _ in got}
+    assert set(lin.DTYPE_CONFIGS[np.dtype(np.float32)]) == names
+    split = [(name, chunk) for name, chunk in got if chunk]
+    assert split and all(lin.config_by_name(name).version == 3 for name, _ in split)
+    assert not [c for _, c in tune.candidates(4096, 4096, 4096, np.float32) if c]  # the grid fills the GPU

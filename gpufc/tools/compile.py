@@ -123,6 +123,7 @@ class LoopMix:
     fma: int
     counts: dict  # opcode with modifiers (e.g. "LDS.128") -> count
     hmma: int = 0  # tensor-core mma instructions (HMMA.*)
+    fma_behind_barrier: int | None = None  # FMA issued after the loop's last BAR before one reads a post-BAR LDS
 
     @property
     def fma_share(self) -> float:
@@ -175,20 +176,47 @@ def main_loop(sass: str) -> LoopMix | None:
         t = _SASS_TARGET.search(operands)
         if not t or t.group(1) not in labels or labels[t.group(1)] > pos:
             continue
-        body = [o for o, _ in insns[labels[t.group(1)]: pos + 1]]
+        full = insns[labels[t.group(1)]: pos + 1]
+        body = [o for o, _ in full]
         fma = sum(1 for o in body if o.split(".")[0] in FMA_OPCODES)
         lds = sum(1 for o in body if o.split(".")[0] == "LDS")
         hmma = sum(1 for o in body if o.split(".")[0] == "HMMA")
         key = (hmma, lds, fma, -len(body))
         if best is None or key > best[0]:
-            best = (key, body, fma, hmma)
+            best = (key, body, fma, hmma, full)
     if best is None:
         return None
-    _, body, fma, hmma = best
+    _, body, fma, hmma, full = best
     counts: dict[str, int] = {}
     for o in body:
         counts[o] = counts.get(o, 0) + 1
-    return LoopMix(instructions=len(body), fma=fma, counts=counts, hmma=hmma)
+    return LoopMix(instructions=len(body), fma=fma, counts=counts, hmma=hmma,
+                   fma_behind_barrier=_fma_behind_barrier(full))
+
+
+_SASS_REG = re.compile(r"\bR(\d+)\b")
+
+
+def _fma_behind_barrier(loop: list[tuple[str, str]]) -> int | None:
+    """FMA instructions a loop issues after its last barrier (BAR), around the back edge, before
+    the first one that reads a register loaded by a shared load (LDS) issued after that barrier:
+    the work that covers the new slice's first shared-memory latency (None without a BAR).
+    Register dependencies only: nvdisasm does not print the scoreboard waits."""
+    bars = [i for i, (op, _) in enumerate(loop) if op.startswith("BAR")]
+    if not bars:
+        return None
+    pending: set[int] = set()
+    count = 0
+    for op, operands in loop[bars[-1] + 1:] + loop[:bars[-1]]:
+        regs = [int(r) for r in _SASS_REG.findall(operands)]
+        if op.startswith("LDS") and regs:
+            width = 4 if ".128" in op else 2 if ".64" in op else 1
+            pending.update(range(regs[0], regs[0] + width))
+        elif op.split(".")[0] in FMA_OPCODES:
+            if pending.intersection(regs[1:]):
+                return count
+            count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------

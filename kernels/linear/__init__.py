@@ -17,6 +17,9 @@ Files, one per piece:
 - :mod:`.configs`: the configurations as data (V1, the register-tiled table) and the choice by shape;
 - :mod:`.v1_shared`: version 1, the textbook shared-memory tiling (the baseline, kept forever);
 - :mod:`.v2_register_tiled`: version 2, generated register-tiled kernels;
+- :mod:`.v3_pipelined`: version 3, version 2's tiling with the CUTLASS-order pipeline (the float32 default);
+- :mod:`.splitk`: split-K for small grids, with a reduction whose bits do not depend on the launch geometry;
+- :mod:`.defaults`: the default configuration per device class (``gpufc tune`` records override it);
 - :mod:`.epilogue`: the fused bias / activation / dropout / pre-activation store;
 - :mod:`.bias_grad`: the bias gradient's column sums.
 
@@ -39,7 +42,7 @@ from numba import cuda
 
 from gpufc.runtime.launch import fast, serialised_in_sim
 
-from . import bias_grad, configs, epilogue, v1_shared, v2_register_tiled
+from . import bias_grad, configs, epilogue, splitk, v1_shared, v2_register_tiled, v3_pipelined
 from .bias_grad import (
     BIAS_COLS,
     BIAS_GRAD_THREADS,
@@ -64,6 +67,7 @@ from .configs import (
     device_sm_count,
     resolve_config,
 )
+from .defaults import V2_PEER
 from .epilogue import PLAIN, Epilogue
 from .v1_shared import _v1_source, signature
 from .v2_register_tiled import signature as tiled_signature
@@ -89,6 +93,8 @@ __all__ = [
 @functools.cache
 def make_matmul_kernel(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN):
     """Compiled kernel for one (config, dtype, transposes, epilogue), cached."""
+    if isinstance(cfg, TileConfig) and cfg.version == 3:
+        return v3_pipelined.make_kernel(cfg, np.dtype(dtype).type, bool(trans_a), bool(trans_b), ep, True)
     src = kernel_source(cfg, dtype, trans_a, trans_b, ep)
     if isinstance(cfg, TileConfig):
         bounds = cfg.launch_bounds(trans_a, trans_b)
@@ -99,9 +105,12 @@ def make_matmul_kernel(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = 
 
 
 def kernel_source(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN):
-    """The uncompiled Python function for ``cfg``, for ``cuda.compile_ptx``."""
+    """The uncompiled Python function for ``cfg``, for ``cuda.compile_ptx`` (version 3: the
+    vector-load specialisation, the one aligned operands run)."""
     if isinstance(cfg, V1Config):
         return _v1_source(cfg, np.dtype(dtype).type, trans_a, trans_b, ep)
+    if isinstance(cfg, TileConfig) and cfg.version == 3:
+        return v3_pipelined.pipelined_function(cfg, np.dtype(dtype).type, bool(trans_a), bool(trans_b), ep, True)
     if isinstance(cfg, TileConfig):
         return tiled_function(cfg, np.dtype(dtype).type, bool(trans_a), bool(trans_b), ep)
     raise TypeError(f"config must be a matmul configuration, got {cfg!r}")
@@ -113,6 +122,31 @@ def kernel_signature(cfg, dtype, trans_a=False, trans_b=False) -> str:
 
 
 U32_LIMIT = 2**32
+
+
+def _choose(config, m, n, k, dtype, ep, trans_a, trans_b, a, b):
+    """(configuration, split-K chunk or None): a tuned record for this shape bucket, epilogue and
+    layout on this device (``gpufc tune``) if there is one, else the default table; a given
+    ``config`` runs in one pass. Version 3 indexes the operands with 32 bits: larger operands
+    take the default table's version-2 peer."""
+    if config is not None:
+        return resolve_config(config, m, n, k, dtype), None
+    from gpufc import tune
+
+    layout = ("T" if trans_a else "N") + ("T" if trans_b else "N")
+    rec = tune.recorded(m, n, k, dtype, ep.tag, layout)
+    if rec is not None and rec["config"] in configs._BY_NAME:
+        cfg, chunk = config_by_name(rec["config"]), rec["chunk"]
+    else:
+        cfg = resolve_config(None, m, n, k, dtype)
+        chunk = configs.choose_chunk(cfg, m, n, k, dtype, sms=device_sm_count())
+    if cfg.version == 3 and max(a.size, b.size) >= v3_pipelined.U32_LIMIT:
+        return config_by_name(V2_PEER[cfg.name]), None
+    if cfg.version == 3 and cfg.min_blocks > 1 and not v3_pipelined.vector_ok(a, b, m, n, k, trans_a, trans_b):
+        # the register-capped tile's scalar loader would run uncapped (1 block per SM): version 2's
+        # tile keeps 2 blocks per SM (measured, 39.1 TFLOP/s at 4096^3 on an H200)
+        return config_by_name(V2_PEER[cfg.name]), None
+    return cfg, chunk
 
 
 @serialised_in_sim
@@ -130,7 +164,15 @@ def launch_matmul(a, b, bias, y, zout, *, trans_a=False, trans_b=False, ep: Epil
     dtype = np.dtype(y.dtype)
     m, n = y.shape
     k = a.shape[0] if trans_a else a.shape[1]
-    cfg = resolve_config(config, m, n, k, dtype)
+    cfg, chunk = _choose(config, m, n, k, dtype, ep, trans_a, trans_b, a, b)
+    if isinstance(cfg, TileConfig) and cfg.version == 3:
+        ws = None
+        if chunk is not None:
+            # split-K's partial sums: one (splits, M, N) workspace per call, freed with it
+            ws = cuda.device_array((splitk.splits_for(k, chunk), m, n), dtype)
+        v3_pipelined.launch(a, b, bias, y, zout, cfg=cfg, trans_a=trans_a, trans_b=trans_b, ep=ep, key=key,
+                            offset=offset, threshold=threshold, scale=scale, stream=stream, chunk=chunk, ws=ws)
+        return
     kern = make_matmul_kernel(cfg, dtype.type, bool(trans_a), bool(trans_b), ep)
     grid = cfg.grid(m, n)
     if grid[1] > 65535:

@@ -16,6 +16,9 @@ import dataclasses
 import numpy as np
 from numba import cuda
 
+from .defaults import TABLE as DEFAULT_TABLE
+from .defaults import choose as choose_default
+
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
@@ -150,6 +153,13 @@ CONFIGS = (
     TileConfig("t128x128k16w", 128, 128, 16, 8, 8, min_blocks=2, unbounded=("NT", "TN"),
                warp=(4, 8)),
     TileConfig("t128x128u", 128, 128, 8, 8, 8),
+    # Version 3 (kernels/linear/v3_pipelined.py): the same tiling with the CUTLASS-order
+    # pipeline. Static evidence only (ptxas sm_90: main-loop FFMA share >= 0.90 against version
+    # 2's 0.85, FFMA behind every barrier), not measured on a GPU. k16w: K step 16, 32 x 64
+    # warp tiles, two blocks per SM (128 registers, no spills in any layout).
+    TileConfig("v3_t128x128k16w", 128, 128, 16, 8, 8, min_blocks=2, warp=(4, 8), version=3),
+    TileConfig("v3_t64x64", 64, 64, 8, 4, 4, version=3),  # 256 threads; 4x the blocks of 128 x 128
+    TileConfig("v3_t32x32", 32, 32, 8, 2, 2, version=3),  # 256 threads; small M or N, split-K
 )
 _BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -159,16 +169,15 @@ _BY_NAME = {c.name: c for c in CONFIGS}
 # static limit, and 8 x 8 double accumulators alone take 128 registers.
 DTYPE_CONFIGS = {
     np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32",
-                           "t128x128k16", "t128x128w", "t128x128k16w", "t128x128u"),
+                           "t128x128k16", "t128x128w", "t128x128k16w", "t128x128u",
+                           "v3_t128x128k16w", "v3_t64x64", "v3_t32x32"),
     np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
 }
 
 # Per dtype, the configurations choose_config picks from, largest tile first (a subset of
-# DTYPE_CONFIGS: the rest are candidates, compiled and tested but only run when forced).
-PREFERRED = {
-    np.dtype(np.float32): ("t128x128", "t128x64", "t64x64", "t32x32"),
-    np.dtype(np.float64): ("t128x64", "t64x64", "t32x32"),
-}
+# DTYPE_CONFIGS: the rest are candidates, compiled and tested but only run when forced):
+# the rows of the device class's default table (kernels/linear/defaults.py).
+PREFERRED = {np.dtype(dt): tuple(name for name, _ in rows) for (_, dt), rows in DEFAULT_TABLE.items()}
 
 SMS = 132  # streaming multiprocessors of an H100 SXM; one wave of blocks per SM
 
@@ -182,15 +191,16 @@ def config_by_name(name: str) -> TileConfig:
 
 
 def choose_config(m: int, n: int, k: int, dtype, sms: int = SMS) -> TileConfig:
-    """The configuration for ``(M, K) @ (K, N)`` in ``dtype``: the largest tile that
-    still gives every one of the device's ``sms`` SMs a block, else the smallest tile."""
-    names = PREFERRED[np.dtype(dtype)]
-    for name in names:
-        cfg = _BY_NAME[name]
-        gx, gy = cfg.grid(m, n)
-        if gx * gy >= sms:
-            return cfg
-    return _BY_NAME[names[-1]]
+    """The configuration for ``(M, K) @ (K, N)`` in ``dtype`` on a device of ``sms`` SMs, from
+    the device class's default table (:func:`kernels.linear.defaults.choose`); a tuned record
+    (``gpufc tune``) overrides it in ``launch_matmul``."""
+    return _BY_NAME[choose_default(m, n, k, dtype, sms, config_by_name)[0]]
+
+
+def choose_chunk(cfg, m: int, n: int, k: int, dtype, sms: int = SMS) -> int | None:
+    """The split-K chunk the default table gives ``cfg`` for this shape, or None (one pass)."""
+    name, chunk = choose_default(m, n, k, dtype, sms, config_by_name)
+    return chunk if name == cfg.name else None
 
 
 _sm_count: list = []

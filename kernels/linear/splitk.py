@@ -43,6 +43,7 @@ from .epilogue import PLAIN, Epilogue, make_group_store
 
 CHUNK_QUANTUM = 256  # chunks are multiples of this many k (whole K slices of every config)
 REDUCE_THREADS = 256  # threads per block of the reduction
+SPLIT_K_CONFIGS = ("v3_t32x32", "v3_t64x64")  # the version-3 tiles the default table may split
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -133,5 +134,5 @@ def reduce_grid(m: int, n: int, threads: int = REDUCE_THREADS, sms: int = 132) -
     return max(1, min(ceil_div(m * ceil_div(n, 4), threads), 8 * sms))
 
 
-__all__ = ["CHUNK_QUANTUM", "choose_chunk", "make_reduce_kernel", "partial_signature", "reduce_grid",
+__all__ = ["CHUNK_QUANTUM", "SPLIT_K_CONFIGS", "choose_chunk", "make_reduce_kernel", "partial_signature", "reduce_grid",
            "reduce_signature", "reduce_source", "splits_for"]

@@ -208,19 +208,10 @@ else:
 
 
 def _configs():
-    """The version-3 entries of the configuration table (TileConfig, version=3). Static
-    evidence (ptxas sm_90, not measured on a GPU) in bench/kernel_report.py."""
-    from .v2_register_tiled import TileConfig
+    """The version-3 entries of the configuration table (:mod:`.configs`)."""
+    from .configs import CONFIGS as ALL
 
-    return (
-        # The large-problem default: CUTLASS-like 32 x 64 warp tiles, K step 16 (half the
-        # per-slice overhead of K step 8), two blocks per SM (128 registers).
-        TileConfig("v3_t128x128k16w", 128, 128, 16, 8, 8, min_blocks=2, warp=(4, 8), version=3),
-        TileConfig("v3_t128x128w", 128, 128, 8, 8, 8, min_blocks=2, warp=(4, 8), version=3),
-        TileConfig("v3_t128x64", 128, 64, 8, 8, 4, version=3),  # 256 threads
-        TileConfig("v3_t64x64", 64, 64, 8, 4, 4, version=3),  # 256 threads; 4x the blocks of 128 x 128
-        TileConfig("v3_t32x32", 32, 32, 8, 2, 2, version=3),  # 256 threads; small M or N, split-K
-    )
+    return tuple(c for c in ALL if c.version == 3)
 
 
 CONFIGS = _configs()
@@ -328,6 +319,8 @@ class _Loader:
             nxt = f"{op}_b{r} + (u64({self.bk}) + {op}_k{r} - shift){stride} if ntiles > u64(1) else {op}_b{r}"
             s(f"{op}_i{r} = u32({nxt})")
         s(f"{op}_step = u32({step})")
+        if self.kc and not self.vec and v > 1:
+            s(f"{op}_last = u64({arr}.size) - u64(1)")
 
     def names(self, r: int) -> str:
         return ", ".join(f"{self.op}_r{r}_{j}" for j in range(self.v))
@@ -339,7 +332,9 @@ class _Loader:
                 s(f"{self.names(r)} = ldg{self.v}({arr}, {op}_i{r})")
             else:
                 for j in range(self.v):
-                    s(f"{op}_r{r}_{j} = {arr}[u64({op}_i{r})" + (f" + u64({j})]" if j else "]"))
+                    # clamped: with K below one run (one slice) the repeated load would pass the end
+                    idx = f"min(u64({op}_i{r}) + u64({j}), {op}_last)" if j else f"u64({op}_i{r})"
+                    s(f"{op}_r{r}_{j} = {arr}[{idx}]")
         for r in range(self.count):
             s(f"{op}_i{r} = u32({op}_i{r} + {op}_adv)")
 
@@ -591,8 +586,14 @@ def signature(dtype) -> str:
             f"uint64, uint32, uint32, uint64, uint64, {t})")
 
 
-def _jit(cfg, sig, fn, trans_a, trans_b):
-    bounds = cfg.launch_bounds(trans_a, trans_b)
+def _bounds(cfg, trans_a, trans_b, vec):
+    """Launch bounds: the configuration's, except for the scalar loader of a register-capped
+    tile, which spills under the cap (104 bytes for v3_t128x128k16w NN, sm_90) and runs uncapped."""
+    return cfg.launch_bounds(trans_a, trans_b) if vec else None
+
+
+def _jit(cfg, sig, fn, trans_a, trans_b, vec=True):
+    bounds = _bounds(cfg, trans_a, trans_b, vec)
     # the simulator's jit takes no launch_bounds (and has no registers to bound)
     options = {"launch_bounds": bounds} if bounds and not _SIM else {}
     return cuda.jit(sig, **options)(fn)
@@ -601,7 +602,8 @@ def _jit(cfg, sig, fn, trans_a, trans_b):
 @functools.cache
 def make_kernel(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN, vec=False):
     """Compiled kernel for one (config, dtype, transposes, epilogue, vector loads), cached."""
-    return _jit(cfg, signature(dtype), pipelined_function(cfg, dtype, trans_a, trans_b, ep, vec), trans_a, trans_b)
+    return _jit(cfg, signature(dtype), pipelined_function(cfg, dtype, trans_a, trans_b, ep, vec), trans_a, trans_b,
+                vec)
 
 
 @functools.cache
@@ -610,7 +612,7 @@ def make_partial_kernel(cfg, dtype, trans_a=False, trans_b=False, vec=False):
     from .splitk import partial_signature
 
     fn = pipelined_function(cfg, dtype, trans_a, trans_b, PLAIN, vec, split=True)
-    return _jit(cfg, partial_signature(dtype), fn, trans_a, trans_b)
+    return _jit(cfg, partial_signature(dtype), fn, trans_a, trans_b, vec)
 
 
 def _address(arr) -> int:
@@ -671,3 +673,34 @@ def launch(a, b, bias, y, zout, *, cfg, trans_a=False, trans_b=False, ep: Epilog
     part[(gx, gy, splits), (cfg.threads,), stream](fa, fb, ws, np.uint64(k), np.uint64(chunk))
     red = splitk.make_reduce_kernel(dtype.type, ep)
     red[splitk.reduce_grid(m, n), splitk.REDUCE_THREADS, stream](ws, bias, y, zout, *tail)
+
+
+def catalogue():
+    """KernelSpec entries (see kernels.catalogue) the linear op's catalogue does not already hold,
+    sm_90 only (compile-tier time): every version-3 configuration's scalar-load NN forward (the
+    loader for shapes whose contiguous dimensions are not multiples of 4; the op's catalogue
+    compiles the vector loader, every layout); split-K's partial kernels (NN, NT, TN) of the
+    tiles split-K uses and its reduction (plain and the full epilogue)."""
+    from ..catalogue import KernelSpec
+    from . import splitk
+
+    full = Epilogue("gelu", bias=True, dropout=True, save_preact=True)
+    f32 = np.float32
+    sm90 = ((9, 0),)
+    for cfg in CONFIGS:
+        yield KernelSpec(f"matmul/{cfg.name}/float32/NN/id/scalar", pipelined_function(cfg, f32, False, False),
+                         signature(f32), main_loop=True, launch_bounds=_bounds(cfg, False, False, False),
+                         threads=cfg.threads, archs=sm90)
+    for cfg in CONFIGS:
+        if cfg.name not in splitk.SPLIT_K_CONFIGS:
+            continue
+        for ta, tb in ((False, False), (False, True), (True, False)):
+            tag = ("T" if ta else "N") + ("T" if tb else "N")
+            yield KernelSpec(
+                f"splitk/{cfg.name}/float32/{tag}/partial", pipelined_function(cfg, f32, ta, tb, PLAIN, True, True),
+                splitk.partial_signature(f32), main_loop=True, launch_bounds=cfg.launch_bounds(ta, tb),
+                threads=cfg.threads, archs=sm90,
+            )
+    for ep in (PLAIN, full):
+        yield KernelSpec(f"splitk/reduce/float32/{ep.tag}", splitk.reduce_source(f32, ep), splitk.reduce_signature(f32),
+                         threads=splitk.REDUCE_THREADS, archs=sm90)
