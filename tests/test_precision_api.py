@@ -84,7 +84,7 @@ def test_linear_backward_every_format(any_backend, rng, dtype):
     x = rng.standard_normal((m, k)).astype(np.float32).astype(dt)
     w = rng.standard_normal((k, n)).astype(np.float32).astype(dt)
     go = rng.standard_normal((m, n)).astype(np.float32).astype(dt)
-    kw = dict(activation="tanh", dropout_p=P, seed=SEED, offset=4, precision="tf32")
+    kw = {"activation": "tanh", "dropout_p": P, "seed": SEED, "offset": 4, "precision": "tf32"}
     _, z = gpufc.linear_forward(x, w, None, save_preact=True, **kw)
     got = gpufc.linear_backward(x, w, go, z, **kw)
     want = ref.linear_backward(x, w, go, z, **kw)
@@ -111,3 +111,22 @@ def test_bad_precision_and_mixed_16_bit_dtypes(cpu_backend):
         gpufc.linear(x, w, precision="fp8")
     with pytest.raises(TypeError, match=r"x\.dtype=float16 and weights\.dtype=bfloat16"):
         gpufc.linear(x.astype(np.float16), w.astype(_bf16()))
+
+
+def test_tensor_cores_refused_below_sm80(monkeypatch):
+    # A pre-Ampere GPU (here a stand-in reporting compute capability 7.5) has no mma.sync for
+    # these formats: a tensor-core request is a RuntimeError naming the device.
+    from gpufc import precision
+
+    class Device:
+        id, name, compute_capability = 99, "Tesla T4", (7, 5)
+
+    class Cuda:
+        @staticmethod
+        def get_current_device():
+            return Device()
+
+    monkeypatch.setattr(precision._backend, "get_backend", lambda: "cuda")
+    monkeypatch.setattr(precision._backend, "numba_cuda", lambda: Cuda)
+    with pytest.raises(RuntimeError, match=r"compute capability 8\.0 or newer; Tesla T4 is \(7, 5\)"):
+        precision.require_tensor_cores()

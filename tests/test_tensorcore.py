@@ -19,8 +19,8 @@ import pytest
 from conftest import ON_GPU
 from numba import cuda, uint32  # after conftest chose the simulator or the GPU
 
-from gpufc.runtime import backend as _backend
 from gpufc import reference as ref
+from gpufc.runtime import backend as _backend
 
 pytestmark = pytest.mark.kernels
 

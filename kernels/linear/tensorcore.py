@@ -63,6 +63,7 @@ from gpufc.runtime.launch import serialised_in_sim
 from ..activations import make_activation
 from ..dropout.philox import THREE, TWO, philox_block, select_word
 from . import mma as M
+from .configs import device_sm_count
 from .epilogue import PLAIN, Epilogue, make_element_store
 
 KINDS = ("tf32", "f16", "bf16")
@@ -583,7 +584,7 @@ def launch_mma(a, b, bias, y, zout, *, kind, trans_a=False, trans_b=False, ep: E
     m, n = y.shape
     k = a.shape[0] if trans_a else a.shape[1]
     if config is None:
-        cfg = choose_config(m, n, k, kind)
+        cfg = choose_config(m, n, k, kind, sms=device_sm_count())
     elif isinstance(config, str):
         cfg = config_by_name(config)
     else:
