@@ -743,12 +743,16 @@ def main(argv=None) -> int:
         if args.no_baseline:
             timeouts = {t.name: args.timeout for t in used}
         else:
-            for t, (outcome, secs, tail) in zip(used, _pmap(pool, used, lambda t: pool.run(t, None, 3600))):
-                print(f"mutation: unmutated {t.name}: {outcome} in {secs:.0f} s", flush=True)
+            firsts = list({t.tests: t for t in reversed(used)}.values())  # one run per distinct selection
+            took = {}
+            for t, (outcome, secs, tail) in zip(firsts, _pmap(pool, firsts, lambda t: pool.run(t, None, 3600))):
+                names = [u.name for u in used if u.tests == t.tests]
+                print(f"mutation: unmutated tests of {', '.join(names)}: {outcome} in {secs:.0f} s", flush=True)
                 if outcome != "survived":
                     print(tail)
                     raise SystemExit(f"mutation: the unmutated tests of {t.name} do not pass; fix them first")
-                timeouts[t.name] = args.timeout or 2 * secs + 60
+                took[t.tests] = secs
+            timeouts = {t.name: args.timeout or 2 * took[t.tests] + 60 for t in used}
 
         results = []
         done = [0]
