@@ -7,11 +7,15 @@ simulated launches (and the kernel builds next to them) with one lock in
 has no attribute 'jit'" when a kernel is built while another runs).
 """
 
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import ON_GPU
 
 import gpufc
 from gpufc import reference as ref
@@ -63,8 +67,10 @@ def _check(i, result):
 
 
 @pytest.mark.kernels
+@pytest.mark.skipif(not ON_GPU, reason="on the simulator test_concurrent_first_calls_in_a_fresh_process runs "
+                                       "these calls, with cold kernel builds too")
 def test_concurrent_calls_on_the_device_backend(device_backend):
-    """16 calls from 8 threads at once on the kernels (the simulator here), each equal to the reference."""
+    """16 calls from 8 threads at once on the GPU, each equal to the reference."""
     barrier = threading.Barrier(THREADS)
     with ThreadPoolExecutor(THREADS) as pool:
         futures = [pool.submit(_run, i, barrier) for i in range(CALLS)]
@@ -84,16 +90,48 @@ def test_concurrent_calls_on_the_cpu_backend(cpu_backend):
 
 @pytest.mark.kernels
 def test_concurrent_layers_on_the_device_backend(device_backend):
-    """Separate layers stepped in 4 threads at once give what the same layers give one after another."""
+    """4 layers stepped in 4 threads at once, each equal to the reference at its own seed."""
     def step(seed):
         layer = gpufc.FullyConnectedLayer(6, 4, activation="relu", dropout_rate=0.3, seed=seed)
         x = np.random.default_rng(seed).standard_normal((3, 6)).astype(np.float32)
         y = layer.forward(x)
         gx = layer.backward(np.ones_like(y))
-        return y, gx, layer.grad_weights
+        return layer, x, y, gx
 
     with ThreadPoolExecutor(4) as pool:
-        concurrent = list(pool.map(step, range(4)))
-    for seed, got in enumerate(concurrent):
-        for a, b in zip(got, step(seed)):
-            assert np.array_equal(a, b)
+        steps = list(pool.map(step, range(4)))
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    for seed, (layer, x, y, gx) in enumerate(steps):
+        kw = {"biases": layer.biases, "activation": "relu", "dropout_p": 0.3, "seed": seed, "offset": 0}
+        want = ref.linear(x, layer.weights, **kw)
+        assert (y[~ref.dropout_keep_mask(y.shape, 0.3, seed, 0)] == 0).all()
+        np.testing.assert_allclose(y, want, **tol)
+        want_gx, want_gw, _ = ref.linear_backward(x, layer.weights, np.ones_like(want), **kw)
+        np.testing.assert_allclose(gx, want_gx, **tol)
+        np.testing.assert_allclose(layer.grad_weights, want_gw, **tol)
+
+
+_COLD = """
+import sys, threading
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, {tests!r})
+import test_threads as t
+barrier = threading.Barrier(t.THREADS)
+with ThreadPoolExecutor(t.THREADS) as pool:
+    results = [f.result() for f in [pool.submit(t._run, i, barrier) for i in range(t.CALLS)]]
+for i, result in enumerate(results):
+    t._check(i, result)
+print("ok", len(results))
+"""
+
+
+@pytest.mark.kernels
+@pytest.mark.skipif(ON_GPU, reason="the cold-build race is the simulator's (a GPU's builds are Numba compiles, "
+                                   "serialised by Numba's compiler lock, and take seconds each)")
+def test_concurrent_first_calls_in_a_fresh_process():
+    """Every kernel built for the first time while other threads' kernels run (a fresh simulator process)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "GPUFC_BACKEND": "sim"}
+    code = _COLD.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0 and out.stdout.split() == ["ok", str(CALLS)], out.stderr[-3000:]
