@@ -198,7 +198,10 @@ def operand(value, name: str, classify):
         import torch
 
         op = classify(value.view(torch.int16), name)
-        return type(op)(name, value, op.kind, op.shape, _bf16_dtype())
+        bf16 = _bf16_dtype()
+        if op.kind == "numpy":  # a host tensor, taken as a NumPy array as any host tensor is
+            return type(op)(name, np.asarray(op.value).view(bf16), "numpy", op.shape, bf16)
+        return type(op)(name, value, op.kind, op.shape, bf16)
     return classify(value, name)
 
 
