@@ -171,31 +171,33 @@ def test_rows_are_resplit_when_merged_columns_would_pass_the_chunk_size(client, 
     np.testing.assert_allclose(got, gpufc.linear(x, w, b, dropout_p=0.5, seed=9, offset=1), rtol=1e-12)
 
 
-def _mixture_block(centers, noise, block_info=None):
-    """Rows r0..r1 of a lazily generated dataset: row r is class r % C, its center plus uniform noise."""
-    (r0, r1), _ = block_info[None]["array-location"]
-    c, k = centers.shape
-    rng = np.random.default_rng(r0)
-    x = rng.random((r1 - r0, k), dtype=np.float32)
-    x -= np.float32(0.5)
-    x *= np.float32(2 * noise)
-    x += centers[np.arange(r0, r1) % c]
-    return x
-
-
 def test_streams_an_input_far_larger_than_a_worker_memory_limit(client):
     """1 GiB of lazily generated rows through a nearest-center classifier on workers limited to 300 MiB each."""
     rows, k, c, chunk = 4 * 2**20, 64, 10, 64 * 2**10
     centers = (np.random.default_rng(6).standard_normal((c, k)) * 3).astype(np.float32)
-    X = da.map_blocks(_mixture_block, centers, 0.5, chunks=((chunk,) * (rows // chunk), (k,)), dtype=np.float32,
+
+    # defined here, so that it travels by value: a module-level function would make each worker import
+    # this test module, and with it conftest, which switches the worker's environment to the simulator
+    def rows_of_the_mixture(block_info=None):
+        """Row r is class r % c: its center plus uniform noise in [-0.5, 0.5)."""
+        (r0, r1), _ = block_info[None]["array-location"]
+        x = np.random.default_rng(r0).random((r1 - r0, k), dtype=np.float32)
+        x -= np.float32(0.5)
+        x += centers[np.arange(r0, r1) % c]
+        return x
+
+    X = da.map_blocks(rows_of_the_mixture, chunks=((chunk,) * (rows // chunk), (k,)), dtype=np.float32,
                       meta=np.empty((0, 0), np.float32))
     assert X.nbytes >= 3 * WORKER_MEMORY
+    workers = set(client.scheduler_info()["workers"])
     # logits_j = x . c_j - |c_j|^2 / 2: the nearest center wins; the centers are far apart against the noise
     model = gpufc.FullyConnectedLayer(k, c, seed=0)
     model.weights[...] = centers.T
     model.biases[...] = -0.5 * (centers.astype(np.float64) ** 2).sum(axis=1)
     counts = da.bincount(gd.predict(model, X).argmax(axis=1), minlength=c).compute()
     assert counts.tolist() == [len(range(j, rows, c)) for j in range(c)]
+    assert set(client.scheduler_info()["workers"]) == workers  # no worker died on the way (a restart renames it)
+    assert set(client.run(gpufc.get_backend).values()) == {"cpu"}
 
 
 def test_a_failed_chunk_fails_the_compute_with_the_worker_error(client):
