@@ -43,8 +43,9 @@ def main(argv=None) -> int:
         return plant_oob()
 
     import gpufc
-    from gpufc.tools import bench as B
     from gpufc import reference as ref
+    from gpufc.tools import bench as B
+    from gpufc.tools.bench import suite as S
 
     k = backend.kernels()
     rng = np.random.default_rng(7)
@@ -94,11 +95,11 @@ def main(argv=None) -> int:
     check("linear 45x33x29 saved pre-activation", lambda: (fwd["z"], ref.linear(*f64(x2, w2, b2))), 33)
 
     # Every matmul configuration, forced, on a shape ragged against each tile.
-    configs = [k.matmul.V1] + B.matmul_configs(k)[: args.max_configs]
+    configs = [k.linear.V1] + S.matmul_configs(k)[: args.max_configs]
     want = ref.linear(*f64(x, w, b), activation="relu", dropout_p=0.25, seed=5, offset=8)
     for cfg in configs:
-        check(f"matmul {B.config_name(cfg)} 70x37x67 relu+dropout",
-              lambda cfg=cfg: (B.kernel_linear(x, w, b, config=cfg, activation="relu", dropout_p=0.25, seed=5,
+        check(f"matmul {S.config_name(cfg)} 70x37x67 relu+dropout",
+              lambda cfg=cfg: (S.kernel_linear(x, w, b, config=cfg, activation="relu", dropout_p=0.25, seed=5,
                                                offset=8), want), 37)
 
     # Backward: the transposed products, the bias reduction, the fused act/dropout gradient.
@@ -125,17 +126,41 @@ def main(argv=None) -> int:
     gd = data(1031)
     check("dropout_backward n=1031", lambda: (gpufc.dropout_backward(gd, 0.5, seed=2, offset=1),
                                               ref.dropout_backward(gd, 0.5, seed=2, offset=1)), exact=True)
-    _, forceable = B.dropout_version(k)
+    _, forceable = S.dropout_version(k)
     if forceable:
         xv = data(2053)
-        check("dropout version 1 n=2053", lambda: (B.kernel_dropout(xv, 0.4, seed=1, offset=5, version=1),
+        check("dropout version 1 n=2053", lambda: (S.kernel_dropout(xv, 0.4, seed=1, offset=5, version=1),
                                                    ref.dropout(xv, 0.4, seed=1, offset=5)), exact=True)
 
     # float64: its own specialisations.
     x6, w6, b6 = data(19, 23, dtype=np.float64), data(23, 17, dtype=np.float64), data(17, dtype=np.float64)
     check("linear float64 19x23x17", lambda: (gpufc.linear(x6, w6, b6), ref.linear(x6, w6, b6)), 23, np.float64)
 
-    backend.numba_cuda().synchronize()
+    # Tensor cores (compute capability 8.0+): the cp.async path (leading dimensions multiples of 16
+    # bytes), the element-by-element path (ragged K), and the backward, in TF32, float16 and bfloat16.
+    cuda = backend.numba_cuda()
+    if backend.get_backend() == "sim" or tuple(cuda.get_current_device().compute_capability) >= (8, 0):
+        formats = [("tf32", np.float32, "tf32"), ("float16", np.float16, "ieee")]
+        if ref.bfloat16_dtype() is not None:
+            formats.append(("bfloat16", ref.bfloat16_dtype(), "ieee"))
+        for fname, dt, prec in formats:
+            # TF32 operands are rounded alike in the model: a float32 tolerance; 16-bit outputs: float16's
+            tol_dt = np.float32 if prec == "tf32" else np.float16
+            for m, kk, n in ((45, 40, 24), (37, 21, 29)):
+                xt, wt, bt = data(m, kk).astype(dt), data(kk, n).astype(dt), data(n).astype(dt)
+                check(f"linear {fname} {m}x{kk}x{n} gelu+dropout",
+                      lambda xt=xt, wt=wt, bt=bt, prec=prec: (
+                          np.asarray(B.to_host(gpufc.linear(xt, wt, bt, precision=prec, **kw)), np.float64),
+                          ref.linear(xt, wt, bt, precision=prec, **kw).astype(np.float64)), kk, tol_dt)
+            gt = data(37, 29).astype(dt)
+            xt, wt = data(37, 21).astype(dt), data(21, 29).astype(dt)
+            for i, name in enumerate(("grad_x", "grad_w", "grad_b")):
+                check(f"linear_backward {fname} 37x21x29 {name}",
+                      lambda i=i, xt=xt, wt=wt, gt=gt, prec=prec: (
+                          np.asarray(B.to_host(gpufc.linear_backward(xt, wt, gt, precision=prec)[i]), np.float64),
+                          ref.linear_backward(xt, wt, gt, precision=prec)[i].astype(np.float64)), 37, tol_dt)
+
+    cuda.synchronize()
     bad = results.count(False)
     print(f"sanitizer_check: {len(results) - bad} ok, {bad} failed, {len(skipped)} not run (deadline), "
           f"{time.perf_counter() - t_start:.1f} s")
