@@ -158,16 +158,18 @@ _cached: dict = {}
 
 def recorded(m: int, n: int, k: int, dtype, epilogue: str, layout: str) -> dict | None:
     """The tuned choice for this problem on the current device, or None (no GPU, tuning off,
-    no valid record). The store is read once per process."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    no valid record). The switch, the device and the store are read once per process (a
+    launch pays one dictionary lookup when nothing is tuned)."""
+    if "records" not in _cached:
+        _cached["env"], _cached["records"] = None, []
+        if os.environ.get(ENV_SWITCH, "1").strip() != "0":
+            try:
+                env = current_environment()
+                _cached["env"], _cached["records"] = env, (load(store_path()) if env else [])
+            except Exception as err:  # noqa: BLE001 -- tuning is an optimisation: never fail a call over it
+                warnings.warn(f"tuning records unavailable: {err}", TuningWarning, stacklevel=2)
+    if not _cached["records"]:  # the common case: nothing tuned, nothing to build per call
         return None
-    if "env" not in _cached:
-        try:
-            _cached["env"] = current_environment()
-            _cached["records"] = load(store_path()) if _cached["env"] else []
-        except Exception as err:  # noqa: BLE001 -- tuning is an optimisation: never fail a call over it
-            warnings.warn(f"tuning records unavailable: {err}", TuningWarning, stacklevel=2)
-            _cached["env"], _cached["records"] = None, []
     return lookup(m, n, k, dtype, epilogue, layout, _cached["env"], _cached["records"])
 
 

@@ -110,3 +110,15 @@ def test_candidates_cover_the_table_and_split_only_version_3():
     split = [(name, chunk) for name, chunk in got if chunk]
     assert split and all(lin.config_by_name(name).version == 3 for name, _ in split)
     assert not [c for _, c in tune.candidates(4096, 4096, 4096, np.float32) if c]  # the grid fills the GPU
+
+
+def test_recorded_uses_this_environment_s_records_only(monkeypatch, tmp_path):
+    # What launch_matmul asks: the store is read once; a record from another kernel source is not used.
+    monkeypatch.setattr(tune, "current_environment", lambda: ENV)
+    monkeypatch.setattr(tune, "store_path", lambda directory=None: tmp_path / tune.FILENAME)
+    monkeypatch.setattr(tune, "_cached", {})
+    tune.save(tmp_path / tune.FILENAME, [_record(chunk=512), _record(config="t64x64", shape=(64, 64, 64), source="x")])
+    assert tune.recorded(4096, 4096, 4096, np.float32, "id", "NN") == {"config": "v3_t128x128k16w", "chunk": 512}
+    assert tune.recorded(64, 64, 64, np.float32, "id", "NN") is None
+    (tmp_path / tune.FILENAME).unlink()  # read once per process: still there
+    assert tune.recorded(4096, 4096, 4096, np.float32, "id", "NN") is not None
