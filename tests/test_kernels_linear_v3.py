@@ -153,8 +153,8 @@ def test_splitk_matches_reference_and_applies_the_epilogue_once(device_backend, 
 @pytest.mark.parametrize("layout", ["NN", "NT", "TN"])
 def test_splitk_bits_do_not_depend_on_the_launch_geometry(device_backend, rng, layout):
     # Same chunk, different tile configurations (block 32 x 32 / 64 x 64, 2 x 2 / 4 x 4 thread
-    # tiles: different grids) and reduction geometries (blocks of 32 or 256 threads, a grid
-    # of 1 or many): identical bits.
+    # tiles: different grids) and reduction geometries (blocks of 32, 64 or 256 threads, one
+    # block looping over every output or one thread per run of 4): identical bits.
     cuda = _backend.numba_cuda()
     _, sk, ep = _mods()
     m, k, n, chunk = 20, 40, 13, 16  # 3 chunks, the last ragged
@@ -175,12 +175,14 @@ def test_splitk_bits_do_not_depend_on_the_launch_geometry(device_backend, rng, l
         cuda.to_device(a.ravel()), cuda.to_device(b.ravel()), ws, np.uint64(k), np.uint64(chunk))
     red = sk.make_reduce_kernel(np.float32, full)
     outs = []
-    for blocks, threads in ((1, 32), (sk.reduce_grid(m, n), sk.REDUCE_THREADS)):
+    runs = m * -(-n // 4)  # runs of 4 outputs: one per thread per trip of the grid-stride loop
+    for blocks, threads in ((1, 32), (-(-runs // 32), 32), (3, 64), (sk.reduce_grid(m, n), sk.REDUCE_THREADS)):
         y = cuda.device_array((m, n), np.float32)
         red[blocks, threads](ws, cuda.to_device(bias), y, y, np.uint32(SEED & 0xFFFFFFFF), np.uint32(SEED >> 32),
                              np.uint64(0), np.uint64(ref.dropout_threshold(P)), np.float32(ref.dropout_scale(P, np.float32)))
         outs.append(y.copy_to_host())
-    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32)), "the reduction geometry changed the bits"
+    for out in outs[1:]:
+        assert np.array_equal(outs[0].view(np.uint32), out.view(np.uint32)), "the reduction geometry changed the bits"
     assert np.array_equal(outs[0].view(np.uint32), y1.view(np.uint32))
 
 
