@@ -6,7 +6,7 @@
 
 from . import reference
 from .runtime.backend import backend_info, get_backend, set_backend
-from .functional import dropout, dropout_backward, linear, linear_backward, linear_forward
+from .functional import config_names, dropout, dropout_backward, linear, linear_backward, linear_forward
 from .nn.layers import CheckpointError, DropoutLayer, FullyConnectedLayer, Module, Sequential
 from .nn.losses import SoftmaxCrossEntropy, softmax_cross_entropy
 from .masks import dropout_mask, dropout_with_mask, pack_mask, unpack_mask
@@ -25,6 +25,7 @@ __all__ = [
     "Sequential",
     "SoftmaxCrossEntropy",
     "backend_info",
+    "config_names",
     "dropout",
     "dropout_backward",
     "dropout_mask",

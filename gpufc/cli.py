@@ -1,4 +1,4 @@
-"""The ``gpufc`` command: ``info``, ``demo`` (and the subcommands other modules register).
+"""The ``gpufc`` command: ``info``, ``demo``, ``warmup`` (and the subcommands other modules register).
 
 Each subcommand is a function taking the parsed ``argparse.Namespace`` and
 returning an exit code; heavy imports happen inside it, so ``gpufc info``
@@ -8,6 +8,7 @@ stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -33,7 +34,91 @@ def cmd_info(args) -> int:
         print(f"{'missing':20s} {line}")
     for line in env["versions"]:
         print(f"{'untested':20s} {line}")
+    for key, value in _cache_lines():
+        print(f"{key:20s} {value}")
     return 0
+
+
+def _cache_lines() -> list:
+    """``gpufc info``'s kernel-cache section: the directory, whether it is used, entries and size."""
+    from .runtime import cache
+
+    try:
+        c = cache.default().info()
+    except OSError as err:
+        return [("kernel_cache", f"unreadable: {err}")]
+    state = "on" if c["disk"] else f"off ({cache.ENV_SWITCH}=0)"
+    return [("kernel_cache", f"{c['directory']} ({state}; {cache.ENV_DIR} moves it)"),
+            ("kernel_cache_size", f"{c['entries']} entries, {c['bytes'] / 2**20:.1f} MiB")]
+
+
+def cmd_warmup(args) -> int:
+    """Compile the default configurations' kernels into the on-disk cache, with a progress bar."""
+    import os
+
+    from .runtime import backend, cache
+
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        print("gpufc warmup compiles for a real device; unset NUMBA_ENABLE_CUDASIM", file=sys.stderr)
+        return 2
+    if not cache.disk_enabled():
+        print(f"the kernel cache is off ({cache.ENV_SWITCH}=0): nothing to warm", file=sys.stderr)
+        return 2
+    if backend.get_backend() == "sim":
+        backend.set_backend("cpu")  # compiling needs numba's real CUDA target, not the simulator
+    archs = tuple(tuple(int(v) for v in a.split(".")) for a in args.cc) if args.cc else cache.target_archs()
+    specs = cache.warmup_specs(args.match)
+    total = sum(1 for cc in archs for s in specs if s.archs is None or cc in s.archs)
+    where = cache.default().directory
+    print(f"gpufc warmup: {total} kernels for {', '.join(f'sm_{a}{b}' for a, b in archs)} into {where}")
+    with _progress(total, args.no_progress) as tick:
+        done = cache.warmup(specs, archs, jobs=args.jobs, progress=tick)
+    print(f"compiled {done['compiled']}, already cached {done['cached']}, of {done['total']}")
+    return 0
+
+
+def _configure_warmup(p) -> None:
+    p.add_argument("--match", default=None, help="only kernels whose name contains this, e.g. t128x128 or dropout")
+    p.add_argument("--cc", nargs="+", default=None, help="compute capabilities, e.g. 9.0 8.0 (default: this "
+                   "GPU's; without a GPU 8.0 and 9.0)")
+    p.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+cmd_warmup.configure = _configure_warmup
+
+
+class _progress:
+    """A rich progress bar on a terminal (rich is optional), else a line per 10%."""
+
+    def __init__(self, total: int, off: bool):
+        self.total, self.off, self.n, self._bar = total, off, 0, None
+
+    def __enter__(self):
+        if not self.off and sys.stderr.isatty():
+            try:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn())
+                self._bar.__enter__()
+                self._task = self._bar.add_task("gpufc warmup", total=self.total)
+            except ImportError:
+                self._bar = None
+        return self.tick
+
+    def tick(self, what: str):
+        self.n += 1
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=f"gpufc warmup: {what}")
+        elif not self.off and (self.n == self.total or self.n % max(1, self.total // 10) == 0):
+            print(f"  {self.n}/{self.total} {what}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
+
 
 
 def cmd_demo(args) -> int:
@@ -67,6 +152,7 @@ COMMANDS = {
     "bench": (cmd_bench, "benchmark against cuBLAS/PyTorch/NumPy on the active backend (cpu: not a GPU measurement)"),
     "train": (cmd_train, "train an MLP on scikit-learn's handwritten digits; prints the test accuracy last"),
     "tune": (cmd_tune, "time the matmul configurations per shape on this GPU and keep the winners (needs a GPU)"),
+    "warmup": (cmd_warmup, "compile the default kernels into the on-disk cache (no GPU needed: PTX for sm_80/sm_90)"),
 }
 
 

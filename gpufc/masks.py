@@ -1,7 +1,7 @@
 """Dropout keep masks for users who want to see them, packed 1 bit per element.
 
 gpufc never stores a dropout mask: the kernels regenerate it from
-``(seed, offset)`` (ARCHITECTURE.md, dropout mask contract). These functions
+``(seed, offset)`` (the dropout mask contract, docs/architecture.md). These functions
 materialise the same mask on request, bit for bit:
 
 - :func:`dropout_mask` ``(shape, p, *, seed, offset)`` -> packed bits (or bools);
@@ -64,7 +64,7 @@ def dropout_mask(shape, p, *, seed=0, offset=0, packed=True, like=None):
     Returns:
         ``packed``: uint8 ``(ceil(size / 8),)``; else bool ``shape``; True / set bit = kept.
         Equal to :func:`gpufc.reference.dropout_keep_mask_packed` (or ``dropout_keep_mask``).
-        On the ``cuda`` and ``sim`` backends a kernel draws it (``kernels.dropout.dropout_mask``).
+        On the ``cuda`` and ``sim`` backends a kernel draws it (``kernels.dropout.mask``), through its launch plan.
     """
     shape = _shape(shape)
     p = _ref.check_p(p)
@@ -78,12 +78,11 @@ def dropout_mask(shape, p, *, seed=0, offset=0, packed=True, like=None):
     if on_cpu or size == 0:
         host = _ref.dropout_keep_mask(shape, p, seed, offset)
         return _tx.from_host(_ref.pack_mask(host) if packed else host, lo)
-    k = _backend.kernels()
-    mv, mh = _tx.empty((_ref.packed_size(size),), np.uint8)
-    k.dropout.launch_dropout_mask(
-        mv, size=size, key=_ref.philox_key(seed), offset=offset,
-        threshold=_ref.dropout_threshold(p), stream=_tx.current_stream(),
-    )
+    kd = _backend.kernels().dropout
+    k0, k1 = _ref.philox_key(seed)
+    with _tx.stream_scope(None) as s:
+        mv, mh = _tx.empty((_ref.packed_size(size),), np.uint8)
+        kd.mask_plan(size, None, kd.THREADS, s.device, s.stream)(mv, k0, k1, offset, _ref.dropout_threshold(p))
     bits = _tx.to_caller(mh, lo)
     return bits if packed else unpack_mask(bits, shape)
 

@@ -7,7 +7,7 @@ Naming follows the seed article and the kernels:
 ``x (M, K) @ w (K, N) + b (N) -> y (M, N)``; leading dims of ``x`` beyond the
 last are batch dims.
 
-The dropout mask contract (ARCHITECTURE.md, "Dropout mask contract"):
+The dropout mask contract (docs/architecture.md):
 
 1. key ``(k0, k1) = (seed & 0xFFFFFFFF, seed >> 32)``;
 2. element ``e`` (row-major flat index into the masked tensor), ``n = offset + e``;

@@ -1,6 +1,6 @@
 """Test tiers and backends.
 
-One command, ``pytest``, runs every tier the machine allows (ARCHITECTURE.md):
+One command, ``pytest``, runs every tier the machine allows (docs/testing.md):
 
 - ``reference``: the NumPy reference against float64 math and the contracts;
 - ``kernels``: the Numba kernels on a GPU, or in the CUDA simulator when the

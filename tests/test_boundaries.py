@@ -82,16 +82,13 @@ def _kernel_module(*names):
 
 
 def route_dropout_to_v1(monkeypatch):
-    import functools
-
-    mod = _kernel_module("launch_dropout", "launch_act_dropout_backward")
-    for name in ("launch_dropout", "launch_act_dropout_backward"):
-        monkeypatch.setattr(mod, name, functools.partial(getattr(mod, name), version=1))
+    """The host API's dropout launches (gpufc.dropout, the fused backward) run version 1."""
+    monkeypatch.setattr(backend.kernels().dropout, "VERSION", 1)
 
 
-def route_matmul_to_v1(monkeypatch):
-    mod = backend.kernels().linear.configs
-    monkeypatch.setattr(mod, "choose_config", lambda *args, **kwargs: mod.V1)
+def matmul_config(version):
+    """``config=`` for gpufc.linear & co.: the version-1 kernel, or None (chosen by shape)."""
+    return "v1_t16" if version == 1 else None
 
 
 # ----------------------------------------------------------------------------
@@ -222,16 +219,16 @@ LINEAR_POSITIONS = [(0, 0), (0, 9), (1, 4), (2, 16), (3, 30), (4 * 2**32 + 1, 13
 @pytest.mark.parametrize("offset,e", LINEAR_POSITIONS)
 def test_threshold_word_is_kept_by_the_fused_epilogue(device_backend, monkeypatch, offset, e, case, version):
     # x = 0, b = 1: every pre-dropout output is exactly 1, so y is the scale where kept, 0 where dropped
-    if version == 1:
-        route_matmul_to_v1(monkeypatch)
+    config = matmul_config(version)
     p = boundary_p(SEED, offset + e, case)
     kept = case == "equal"
     x, w, b = np.zeros((M, K), np.float32), np.ones((K, NCOLS), np.float32), np.ones(NCOLS, np.float32)
     mask = ref.dropout_keep_mask((M, NCOLS), p, SEED, offset)
     want = np.where(mask, ref.dropout_scale(p, np.float32), np.float32(0))
-    check(gpufc.linear(x, w, b, dropout_p=p, seed=SEED, offset=offset), e, kept, want, f"linear v{version}")
+    check(gpufc.linear(x, w, b, dropout_p=p, seed=SEED, offset=offset, config=config), e, kept, want,
+          f"linear v{version}")
     y, z = gpufc.linear_forward(x, w, b, activation="relu", dropout_p=p, seed=SEED, offset=offset,
-                                save_preact=True)
+                                save_preact=True, config=config)
     check(y, e, kept, want, f"linear_forward v{version}")
     assert np.array_equal(z, np.ones((M, NCOLS), np.float32)), "the saved pre-activation is x @ w + b"
 
@@ -246,7 +243,7 @@ def test_threshold_word_is_kept_by_linear_backward(device_backend, monkeypatch, 
     # x = I makes grad_w = x.T @ g = g exactly; w = 0, b = 1 make relu'(z) = 1, so g = dropout'(grad_output)
     if version == 1:
         route_dropout_to_v1(monkeypatch)
-        route_matmul_to_v1(monkeypatch)
+    config = matmul_config(version)
     m, n = 6, NCOLS
     p = boundary_p(SEED, offset + e, case)
     kept = case == "equal"
@@ -254,7 +251,7 @@ def test_threshold_word_is_kept_by_linear_backward(device_backend, monkeypatch, 
     go = np.full((m, n), 2.0, np.float32)
     want = ref.dropout(go, p, seed=SEED, offset=offset)
     _, gw, gb = gpufc.linear_backward(x, w, go, biases=b, activation=activation, dropout_p=p, seed=SEED,
-                                       offset=offset)
+                                       offset=offset, config=config)
     check(gw, e, kept, want, f"linear_backward v{version} grad_w")
     assert np.array_equal(gb, want.sum(axis=0)), "grad_b is the column sums of g"
 

@@ -1,12 +1,13 @@
 """Kernels tier: the version-1 kernels against gpufc.reference, on the GPU or in the simulator.
 
 The host API is routed to the version-1 kernels here (the baseline is kept
-forever and must stay correct); the later versions have their own files.
+forever and must stay correct): the linear ops take ``config=V1`` (the public
+keyword; the backward then also runs the version-1 bias gradient), and the
+dropout kernels' ``VERSION`` (which version the host API runs) is set to 1.
+The later versions have their own files.
 Shapes are awkward on purpose (0, 1, primes, below one tile, several tiles)
 and small, because the simulator runs every thread in Python.
 """
-
-import functools
 
 import numpy as np
 import pytest
@@ -23,19 +24,26 @@ SHAPES = [(1, 1, 1), (7, 3, 5), (2, 17, 3), (33, 19, 18)]
 ACTS = list(ref.ACTIVATIONS)
 
 
+V1 = "v1_t16"  # the version-1 configuration's name
+
+
 @pytest.fixture(autouse=True)
 def version_1(device_backend, monkeypatch):
-    """Every launch in this file goes to a version-1 kernel."""
-    k = backend.kernels()
-    monkeypatch.setattr(k.linear.configs, "choose_config", lambda *args, **kwargs: k.linear.V1)
-    monkeypatch.setattr(k.linear, "launch_bias_grad", functools.partial(k.linear.launch_bias_grad, version=1))
-    for name in ("launch_dropout", "launch_act_dropout_backward"):
-        monkeypatch.setattr(k.dropout, name, functools.partial(getattr(k.dropout, name), version=1))
+    """Every dropout launch of the host API in this file goes to version 1."""
+    monkeypatch.setattr(backend.kernels().dropout, "VERSION", 1)
 
 
 def test_routing_reaches_version_1(rng):
-    k = backend.kernels()
-    assert k.linear.resolve_config(None, 64, 64, 64, np.float32) is k.linear.V1
+    from gpufc.runtime import plan
+
+    plan.PLANS.clear()
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
+    gpufc.linear_backward(x, w, np.ones((3, 5)), biases=np.ones(5), activation="relu", dropout_p=0.5, config=V1)
+    gpufc.dropout(x, 0.5)
+    names = {p.spec.kernel.name for p in plan.PLANS._plans.values()}
+    assert {n.split("/")[0] + "/" + n.split("/")[1] for n in names if n.startswith(("matmul", "bias_grad"))} == {
+        "matmul/v1_t16", "bias_grad/v1"}
+    assert {"dropout/v1/float64", "act_dropout_backward/float64/relu+drop"} <= names
 
 
 def _data(rng, m, k, n, dtype):
@@ -49,7 +57,7 @@ def _data(rng, m, k, n, dtype):
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_linear_v1_matches_reference(device_backend, rng, m, k, n, dtype):
     x, w, b = _data(rng, m, k, n, dtype)
-    y = gpufc.linear(x, w, b)
+    y = gpufc.linear(x, w, b, config=V1)
     assert y.dtype == dtype and y.shape == (m, n)
     rtol, atol = tolerance(dtype, k)
     assert_close(y, ref.linear(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)), rtol=rtol, atol=atol)
@@ -60,7 +68,7 @@ def test_linear_v1_epilogue_activation_and_dropout(device_backend, rng, activati
     m, k, n = 9, 7, 11
     x, w, b = _data(rng, m, k, n, np.float32)
     kw = dict(activation=activation, dropout_p=0.25, seed=2**33 + 1, offset=5)
-    y = gpufc.linear(x, w, b, **kw)
+    y = gpufc.linear(x, w, b, **kw, config=V1)
     expected = ref.linear(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **kw)
     rtol, atol = tolerance(np.float32, k)
     assert_close(y, expected, rtol=rtol, atol=atol)
@@ -74,7 +82,7 @@ def test_fused_dropout_mask_is_bit_exact(device_backend, offset):
     x = np.zeros((m, k), np.float32)
     w = np.ones((k, n), np.float32)
     b = np.ones(n, np.float32)
-    y = gpufc.linear(x, w, b, dropout_p=p, seed=77, offset=offset)
+    y = gpufc.linear(x, w, b, dropout_p=p, seed=77, offset=offset, config=V1)
     keep = ref.dropout_keep_mask((m, n), p, 77, offset)
     assert np.array_equal(y != 0, keep)
     assert (y[keep] == ref.dropout_scale(p, np.float32)).all()
@@ -82,7 +90,7 @@ def test_fused_dropout_mask_is_bit_exact(device_backend, offset):
 
 def test_linear_v1_save_preact(device_backend, rng):
     x, w, b = _data(rng, 5, 6, 7, np.float64)
-    y, z = gpufc.linear_forward(x, w, b, activation="gelu", save_preact=True)
+    y, z = gpufc.linear_forward(x, w, b, activation="gelu", save_preact=True, config=V1)
     assert_close(z, x @ w + b, rtol=1e-12, atol=1e-12, what="preact")
     assert_close(y, ref.activation(x @ w + b, "gelu"), rtol=1e-12, atol=1e-12)
 
@@ -94,8 +102,8 @@ def test_linear_v1_backward_matches_reference(device_backend, rng, activation, d
     x, w, b = _data(rng, m, k, n, np.float64)
     go = rng.standard_normal((m, n))
     kw = dict(activation=activation, dropout_p=dropout_p, seed=3, offset=8)
-    _, z = gpufc.linear_forward(x, w, b, save_preact=True, **kw)
-    got = gpufc.linear_backward(x, w, go, z, biases=b, **kw)
+    _, z = gpufc.linear_forward(x, w, b, save_preact=True, **kw, config=V1)
+    got = gpufc.linear_backward(x, w, go, z, biases=b, **kw, config=V1)
     want = ref.linear_backward(x, w, go, biases=b, **kw)
     for name, g, e in zip(("grad_x", "grad_weights", "grad_biases"), got, want):
         assert_close(g, e, rtol=1e-12, atol=1e-12, what=name)
@@ -131,5 +139,5 @@ def test_dropout_v1_nd_and_eval(device_backend, rng):
 def test_relu_propagates_nan_like_the_reference(device_backend):
     x = np.array([[np.nan, 1.0], [-1.0, 2.0]], np.float32)
     w = np.eye(2, dtype=np.float32)
-    y = gpufc.linear(x, w, activation="relu")
+    y = gpufc.linear(x, w, activation="relu", config=V1)
     np.testing.assert_array_equal(y, ref.linear(x, w, activation="relu"))  # NaN where the reference has NaN

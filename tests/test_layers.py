@@ -180,7 +180,7 @@ def test_dropout_layer_on_kernels(device_backend, rng):
 
 
 # ----------------------------------------------------------------------------
-# Dropout state (ARCHITECTURE.md rule 7)
+# Dropout state (the mask contract's offset rule, docs/architecture.md)
 # ----------------------------------------------------------------------------
 
 

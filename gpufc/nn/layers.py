@@ -9,7 +9,7 @@ whatever backend is active and return the caller's array type.
 Where parameters live: a layer's ``device`` is ``"cpu"`` (NumPy parameters,
 the default, as in the seed article and torch) or ``"cuda"`` (CuPy
 parameters, after ``.to("cuda")`` on the ``cuda`` backend). A ``"cuda"``
-layer keeps Numba views of its parameters between calls, so a forward on a
+layer keeps its parameters' device pointers between calls, so a forward on a
 CuPy batch validates only the batch, allocates only its output and launches
 one kernel; optimizers update its parameters in place on the device, and its
 gradients are CuPy arrays. A ``"cpu"`` layer on a device backend copies its
@@ -57,7 +57,7 @@ def _new_seed(seed):
 
 
 def _advance(offset: int, count: int) -> int:
-    """ARCHITECTURE.md rule 7: advance by the element count rounded up to a multiple of 4."""
+    """The mask contract's offset rule (docs/architecture.md): advance by the element count rounded up to a multiple of 4."""
     return (offset + -(-count // 4) * 4) % 2**64
 
 
@@ -520,18 +520,20 @@ class FullyConnectedLayer(Module):
             if np.dtype(p.dtype) != self.dtype:
                 raise TypeError(f"{name} must have the layer's dtype {self.dtype}, got {name}.dtype={p.dtype}")
 
-    def _device_params(self):
-        """Numba views of the parameters: cached for CuPy parameters, fresh copies of NumPy ones."""
+    def _device_params(self, numba: bool = False):
+        """The parameters as launch arguments (``numba``: Numba views, for the tensor-core route):
+        cached for CuPy parameters, fresh copies of NumPy ones."""
         w, b = self.weights, self.biases
         v = self._views
-        if v is not None and v[0] is w and v[1] is b:
-            return v[2], v[3]
+        if v is not None and v[0] is w and v[1] is b and v[2] is numba:
+            return v[3], v[4]
         self._check_params()
-        wv, wk = _tx.device_view(_tx.operand(w, "weights"))
-        bv, bk = _tx.device_view(_tx.operand(b, "biases")) if b is not None else (None, None)
-        # Device arrays used in place: the views stay valid and are cached. Host parameters
-        # are copied per call; each view owns its copy until the launch is queued.
-        self._views = (w, b, wv, bv) if wk is w and (b is None or bk is b) else None
+        view = _tx.numba_view if numba else _tx.device_view
+        wv, wk = view(_tx.operand(w, "weights"))
+        bv, bk = view(_tx.operand(b, "biases")) if b is not None else (None, None)
+        # Device arrays used in place: the arguments stay valid and are cached. Host parameters
+        # are copied per call; each argument owns its copy until the launch is queued.
+        self._views = (w, b, numba, wv, bv) if wk is w and (b is None or bk is b) else None
         return wv, bv
 
     # -- forward / backward -------------------------------------------------------
@@ -573,10 +575,11 @@ class FullyConnectedLayer(Module):
             self._ctx = _Ctx(xo, xo.value, None, None, z, None, rows, offset, active)
         else:
             with _tx.stream_scope(stream) as s:
-                xv, keep = _tx.device_view(xo, (rows, k))
-                wv, bv = self._device_params()
-                yh, zv, zh = F.forward_device(xv, wv, bv, rows, n, self.dtype, self.activation, drop, save, s,
-                                              kind)
+                view = _tx.device_view if kind is None else _tx.numba_view  # tensor cores: Numba's launch
+                xv, keep = view(xo, (rows, k))
+                wv, bv = self._device_params(kind is not None)
+                yh, zv, zh = F.forward_device(xv, wv, bv, rows, k, n, self.dtype, self.activation, drop, save, s,
+                                              kind=kind)
                 y = _tx.to_caller(yh, xo, out_shape)
             self._ctx = _Ctx(xo, None, xv, keep, zh, zv, rows, offset, active)
         if active:
@@ -626,12 +629,12 @@ class FullyConnectedLayer(Module):
             gx = gx if input_grad else None
         else:
             with _tx.stream_scope(stream) as s:
-                wv, bv = self._device_params()
-                gov, _gk = _tx.device_view(go, (rows, n))
+                wv, bv = self._device_params(kind is not None)
+                gov, _gk = (_tx.device_view if kind is None else _tx.numba_view)(go, (rows, n))
                 zv = ctx.zv
                 if self.activation is not None and zv is None:  # an evaluation-mode forward kept no z
-                    _, zv, _zh = F.forward_device(ctx.xv, wv, bv, rows, n, self.dtype, self.activation,
-                                                  drop.at(0, False), True, s, kind)
+                    _, zv, _zh = F.forward_device(ctx.xv, wv, bv, rows, k, n, self.dtype, self.activation,
+                                                  drop.at(0, False), True, s, kind=kind)
                 gxh, gwh, gbh = F.backward_device(ctx.xv, wv, gov, zv, rows, k, n, self.dtype, self.activation,
                                                   drop, s, need_x=input_grad, need_b=self._bias, kind=kind)
                 gx = _tx.to_caller(gxh, ctx.xo, ctx.xo.shape) if input_grad else None

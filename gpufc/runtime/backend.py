@@ -168,11 +168,27 @@ def cupy_or_none():
     """CuPy when the ``cuda`` backend is active and CuPy imports, else None."""
     if get_backend() != "cuda":
         return None
-    try:
-        import cupy
-    except ImportError:
-        return None
+    cupy = sys.modules.get("cupy")  # every call asks: the dict lookup, not the import statement
+    if cupy is None:
+        try:
+            import cupy
+        except ImportError:
+            return None
     return cupy
+
+
+def _set_unchecked(name: str) -> str:
+    """Make ``name`` the active backend without starting it; returns the previous one.
+
+    The seam of the host-path benchmark and its tests (bench/host_path.py,
+    tests/test_plans.py): with a stand-in CuPy in ``sys.modules`` and a
+    recording launcher (:func:`gpufc.runtime.launch.use_launcher`), the
+    ``cuda`` path runs on a machine without a GPU. Nothing else calls it.
+    """
+    with _lock:
+        previous = _state["name"]
+        _state["name"] = _parse(name)
+    return previous
 
 
 def _version(dist: str) -> str | None:

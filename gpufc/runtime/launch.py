@@ -1,27 +1,38 @@
-"""A leaner kernel launch for explicit-signature Numba kernels.
+"""Launchers: how a plan's kernel is loaded and launched on the active backend.
 
-``kern[grid, block, stream](*args)`` does, on every call in numba-cuda 0.30,
-a typeof of every argument, an overload lookup, then ``_Kernel._prepare_args``
-per argument. (Measured on an H200, bench/results/2026-11-28_NVIDIA-H200: one
-whole ``gpufc.linear`` call on a (64, 512) CuPy batch took ~195 us of host
-time, against ~37 us for CuPy's ``x @ w + b``; with this module, ~164 us in the
-follow-up run, bench/results/2026-11-28_NVIDIA-H200_followup.) gpufc's kernels have exactly one
-compiled signature, so :class:`FastKernel` resolves that overload once and
-flattens the arguments itself into the same list ``_Kernel.launch`` builds:
+A launcher has four methods, used by :class:`gpufc.runtime.plan.Plan`:
+``load(kernel_spec)`` (the compiled kernel), ``resident_blocks(kernel, threads)``
+(blocks of it the device holds at once, for grids sized to one wave),
+``bind(kernel, grid, block, args, stream)`` (a function that launches with
+the per-call values) and nothing else; plans never touch Numba or the driver
+directly.
 
-- an array: ``0, 0, size, itemsize, data pointer, *shape, *strides in bytes``
-  (meminfo and parent are always 0; plain Python ints),
-- an integer: ``ctypes.c_<type>(value)``, float32 ``c_float``, float64
-  ``c_double``, boolean the value itself,
+- :class:`DriverLauncher` (the ``cuda`` backend): the kernel's PTX and cubin
+  come from numba-cuda's public ``compile_ptx`` through the on-disk cache
+  (:mod:`gpufc.runtime.cache`) and are loaded with cuda.core's
+  ``ObjectCode``; each launch is one ``cuLaunchKernel`` (cuda-bindings) with
+  a ``kernelParams`` array built once per plan. A call writes the operands'
+  device pointers and the per-call scalars into that array and launches: no
+  Numba device array, no typeof, no overload lookup.
+- :class:`NumbaLauncher` (``GPUFC_LAUNCHER=numba`` on the ``cuda`` backend):
+  Numba's own compile and launch, the route before plans; a fallback, and the
+  peer the GPU tier checks the driver launches against.
+- :class:`SimLauncher` (the ``sim`` backend): Numba's simulator, as
+  ``kernel[grid, block, stream](*args)``, under the process-wide simulator
+  lock (:func:`launch_lock`).
 
-then calls ``cuda.core.launch`` exactly as ``_Kernel.launch`` does.
+The argument layout a Numba kernel expects (numba-cuda 0.30, the pinned
+range) is one parameter per word: an array is ``meminfo, parent, nitems,
+itemsize, data, *shape, *strides`` (8 bytes each; meminfo and parent 0,
+strides in bytes), a scalar is its C type. :func:`flatten` states it;
+tests/test_launch.py holds it to numba-cuda's own ``_Kernel._prepare_args``
+and to the parameter list of the compiled PTX.
 
-Numba's own launch runs instead when the simulator is active, when
-``GPUFC_FAST_LAUNCH=0``, when the kernel has anything the flattening does not
-cover (debug, cooperative, extensions, other argument types), and, per call,
-when an argument is not a Numba device array of the signature's dtype and rank
-(Numba then converts it or raises its usual TypeError). A strided array for a
-C-order slot is a :class:`LayoutError`, never passed on.
+The seam for measuring the host path without a GPU:
+:class:`RecordingLauncher` is :class:`DriverLauncher` with kernel loading and
+the final ``cuLaunchKernel`` replaced by a recorder; :func:`use_launcher`
+installs it. Everything before that call (validation, plan lookup,
+allocation, the argument buffer writes) is the real path.
 """
 
 from __future__ import annotations
@@ -32,10 +43,7 @@ import functools
 import os
 import threading
 
-import numba
 import numpy as np
-
-_FAST = os.environ.get("GPUFC_FAST_LAUNCH", "1") != "0"
 
 # Numba's CUDA simulator runs one kernel per process at a time: the running kernel's
 # fake ``cuda`` module is a module global, swapped into the kernel's globals, and the
@@ -48,6 +56,8 @@ _SIM_LAUNCH_LOCK = threading.RLock()
 def launch_lock():
     """The context every kernel launch runs in: the process-wide simulator lock when the
     simulator is on, else a no-op (a real GPU takes concurrent launches from many threads)."""
+    import numba
+
     return _SIM_LAUNCH_LOCK if numba.config.ENABLE_CUDASIM else contextlib.nullcontext()
 
 
@@ -56,6 +66,8 @@ def serialised_in_sim(launcher):
     the whole call holds :func:`launch_lock`, because while a simulated kernel runs, the module
     that defines it sees the simulator's fake ``cuda`` (no ``jit``), so a concurrent build there
     fails. On a real GPU the launcher is returned unchanged (no cost per call)."""
+    import numba
+
     if not numba.config.ENABLE_CUDASIM:
         return launcher
 
@@ -67,186 +79,465 @@ def serialised_in_sim(launcher):
     return locked
 
 
-class _Mismatch(Exception):
-    """An argument the packer does not take as is: this call goes through Numba."""
-
-
 class LayoutError(TypeError):
-    """A strided array for a C-order slot. Never handed to Numba: numba-cuda 0.30.4
-    launches it against a ``[:, ::1]`` signature as if it were contiguous (seen on an
-    H200, 2026-11-28), which would read the wrong elements."""
+    """A strided array for a C-order kernel parameter. Never launched: numba-cuda 0.30.4
+    launches one against a ``[:, ::1]`` signature as if it were contiguous (seen on an
+    H200, 2026-11-28), which reads the wrong elements."""
 
 
-def _array_packer(ty):
-    """Packer for one ``types.Array`` argument, or None where Numba's path is needed."""
-    if ty.ndim == 0 or ty.layout not in ("C", "A"):
-        return None
-    from numba.cuda.np import numpy_support
-
-    dtype = np.dtype(numpy_support.as_dtype(ty.dtype))
-    ndim = ty.ndim
-    itemsize = dtype.itemsize
-    contiguous = ty.layout == "C"
-
-    def pack(a, out):
-        shape = a.shape
-        strides = a.strides
-        if len(shape) != ndim or a.dtype != dtype:
-            raise _Mismatch
-        if contiguous:
-            # C order exactly (Numba may call more layouts "C"; those go through Numba)
-            step = itemsize
-            for d in range(ndim - 1, -1, -1):
-                if strides[d] != step and shape[d] > 1:
-                    raise LayoutError(
-                        f"kernel argument of shape {shape} has strides {strides}, but the kernel's "
-                        f"signature {ty} needs C order: copy it (ascontiguousarray) first"
-                    )
-                step *= shape[d]
-        out += (0, 0, a.size, itemsize, a.device_ctypes_pointer.value)
-        out += shape
-        out += strides
-
-    return pack
+class LaunchError(RuntimeError):
+    """The CUDA driver refused a launch."""
 
 
-def _scalar_packer(ty):
-    """Packer for one scalar argument, mirroring ``_Kernel._prepare_args``; None if not covered."""
-    from numba.cuda import types
+# ----------------------------------------------------------------------------
+# The argument layout
+# ----------------------------------------------------------------------------
 
-    if isinstance(ty, types.Boolean):
-        return lambda v, out: out.append(v)
-    if isinstance(ty, types.Integer):
-        ctor = getattr(ctypes, f"c_{ty}")
-    elif ty == types.float32:
-        ctor = ctypes.c_float
-    elif ty == types.float64:
-        ctor = ctypes.c_double
-    else:
-        return None
-    return lambda v, out: out.append(ctor(v))
+_CTYPES = {
+    "int32": ctypes.c_int32, "uint32": ctypes.c_uint32, "int64": ctypes.c_int64, "uint64": ctypes.c_uint64,
+    "float32": ctypes.c_float, "float64": ctypes.c_double,
+}
 
 
-def make_packer(argument_types):
-    """``pack(args) -> list``: the flat kernel arguments for ``argument_types`` (Numba types),
-    or None when some argument type is not covered. ``pack`` raises :class:`_Mismatch` for an
-    argument it does not take as is."""
-    from numba.cuda import types
-
-    packers = []
-    for ty in argument_types:
-        p = _array_packer(ty) if isinstance(ty, types.Array) else _scalar_packer(ty)
-        if p is None:
-            return None
-        packers.append(p)
-    n = len(packers)
-    pairs = tuple(packers)
-
-    def pack(args):
-        if len(args) != n:
-            raise _Mismatch
-        out = []
-        for p, v in zip(pairs, args):
-            p(v, out)
-        return out
-
-    return pack
+def scalar_ctype(dtype):
+    """The C type Numba passes a scalar parameter of ``dtype`` as."""
+    name = np.dtype(dtype).name
+    try:
+        return _CTYPES[name]
+    except KeyError:
+        raise TypeError(f"no launch layout for a {name} scalar parameter (gpufc's kernels use {sorted(_CTYPES)})") \
+            from None
 
 
-class FastKernel:
-    """Wraps an explicit-signature Numba CUDA kernel: ``fk(grid, block, stream, *args)``
-    launches like ``kern[grid, block, stream](*args)``, with less host work.
+def array_words(shape, dtype, data: int = 0) -> list[int]:
+    """The parameter words of a C-contiguous array: meminfo, parent, nitems, itemsize, data, shape, strides."""
+    itemsize = np.dtype(dtype).itemsize
+    strides = []
+    step = itemsize
+    for s in reversed(shape):
+        strides.append(step)
+        step *= s
+    size = 1
+    for s in shape:
+        size *= s
+    return [0, 0, size, itemsize, int(data), *shape, *reversed(strides)]
 
-    The fast path is chosen once, at the first call; :attr:`fast` says which
-    path it took (None before the first call).
+
+def flatten(args, values) -> list:
+    """The kernel's parameter list for ``args`` (:class:`~gpufc.kernels.catalogue.Arg`) and the
+    per-call ``values`` (data pointers for arrays): ``[(ctype, value), ...]``, one per parameter."""
+    out = []
+    it = iter(values)
+    for a in args:
+        if a.shape is not None:
+            out += [(ctypes.c_uint64, w) for w in array_words(a.shape, a.dtype, next(it))]
+        else:
+            out.append((scalar_ctype(a.dtype), next(it) if a.value is None else a.value))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The CUDA driver
+# ----------------------------------------------------------------------------
+
+
+class _Bound:
+    """A plan's argument buffer and its launch function.
+
+    ``call(*values)`` writes the per-call values into the buffer, then
+    launches. The function is generated per launch signature (one statement
+    per value, no loop: half the host time of a loop over the slots); a lock
+    keeps one thread's writes and launch together, since the driver reads the
+    buffer during ``cuLaunchKernel``.
     """
 
-    def __init__(self, dispatcher):
-        self.dispatcher = dispatcher
-        self.fast = None
-        self._kernel = None
-        self._pack = None
-        self._configs: dict = {}
-        self._streams: dict = {}
+    __slots__ = ("_objs", "_params", "call")
 
-    def _prepare(self):
-        self.fast = False
-        if not _FAST or numba.config.ENABLE_CUDASIM:
-            return
-        try:
-            from cuda.core import LaunchConfig, launch
-            from numba.cuda._compat import CUDA_CORE_GE_1_0
-            from numba.cuda.cudadrv import driver
-            from numba.cuda.errors import normalize_kernel_dimensions
-
-            d = self.dispatcher
-            if d.targetoptions.get("extensions") or len(d.overloads) != 1:
-                return
-            kernel = next(iter(d.overloads.values()))
-            if kernel.debug or kernel.cooperative or kernel.extensions:
-                return
-            pack = make_packer(kernel.argument_types)
-            if pack is None or not hasattr(kernel._codelibrary, "get_cufunc"):
-                return
-        except (ImportError, AttributeError):  # another numba-cuda: Numba's own launch
-            return
-        self._kernel = kernel
-        self._pack = pack
-        self._launch = launch
-        self._launch_config = LaunchConfig
-        self._ge_1_0 = CUDA_CORE_GE_1_0
-        self._normalize = normalize_kernel_dimensions
-        self._to_core_stream = driver._to_core_stream
-        self.fast = True
-
-    def _config(self, grid, block):
-        key = (grid, block)
-        config = self._configs.get(key)
-        if config is None:
-            g, b = self._normalize(grid, block)
-            if self._ge_1_0:
-                config = self._launch_config(grid=g, block=b, shmem_size=0, is_cooperative=False)
+    def __init__(self, launch_fn, handle, grid, block, args, stream, success):
+        objs, var, is_array = [], [], []
+        for a in args:
+            if a.shape is not None:
+                words = [ctypes.c_uint64(w) for w in array_words(a.shape, a.dtype)]
+                objs += words
+                var.append(words[4])  # the data pointer
+                is_array.append(True)
             else:
-                config = self._launch_config(grid=g, block=b, shmem_size=0, cooperative_launch=False)
-            if len(self._configs) > 256:
-                self._configs.clear()
-            self._configs[key] = config
-        return config
-
-    def _core_stream(self, stream):
-        # keyed by the stream object: gpufc keeps one Numba stream per handle (transfer._numba_stream)
-        core = self._streams.get(stream)
-        if core is None:
-            core = self._to_core_stream(stream)
-            if len(self._streams) > 64:
-                self._streams.clear()
-            self._streams[stream] = core
-        return core
-
-    def __call__(self, grid, block, stream, *args):
-        if self.fast is None:
-            self._prepare()
-        if self.fast:
-            try:
-                kernelargs = self._pack(args)
-            except LayoutError:
-                raise
-            except (_Mismatch, AttributeError, TypeError):
-                kernelargs = None
-            if kernelargs is not None:
-                cufunc = self._kernel._codelibrary.get_cufunc()
-                self._launch(self._core_stream(stream), self._config(grid, block), cufunc.kernel, *kernelargs)
-                return
-        with launch_lock():
-            self.dispatcher[grid, block, stream](*args)
+                c = scalar_ctype(a.dtype)(0 if a.value is None else a.value)
+                objs.append(c)
+                if a.value is None:
+                    var.append(c)
+                    is_array.append(False)
+        self._objs = objs
+        self._params = (ctypes.c_void_p * len(objs))(*[ctypes.addressof(o) for o in objs])
+        names = [f"v{i}" for i in range(len(var))]
+        body = [f"        s{i}.value = {n}{' or 0' if arr else ''}" for i, (n, arr) in enumerate(zip(names, is_array))]
+        src = "\n".join([
+            f"def call({', '.join(names)}):",
+            "    with lock:",
+            *body,
+            "        err = launch_fn(handle, gx, gy, gz, bx, by, bz, 0, stream, params, 0)[0]",
+            "    if err != success:",
+            "        raise LaunchError(f'cuLaunchKernel failed: {err!r} (grid {grid}, block {block})')",
+        ])
+        env = {f"s{i}": slot for i, slot in enumerate(var)}
+        # the function's globals own the buffer: the driver reads these addresses at every launch
+        env["_buffer"] = (objs, self._params)
+        env.update(lock=threading.Lock(), launch_fn=launch_fn, handle=handle, stream=stream, success=success,
+                   params=ctypes.addressof(self._params), grid=grid, block=block, LaunchError=LaunchError)
+        env["gx"], env["gy"], env["gz"] = grid
+        env["bx"], env["by"], env["bz"] = block
+        exec(compile(src, f"<gpufc launch {len(var)} values>", "exec"), env)  # noqa: S102 (our own source)
+        self.call = env["call"]
 
 
-_wrapped: dict = {}
+class DriverLauncher:
+    """The ``cuda`` backend's launcher: cached PTX/cubin loaded by cuda.core, launched by ``cuLaunchKernel``."""
+
+    name = "cuda driver"
+
+    def __init__(self):
+        self._kernels: dict = {}
+        self._lock = threading.Lock()
+        self._device = None
+
+    # -- device ---------------------------------------------------------------------
+
+    def _dev(self):
+        if self._device is None:
+            from cuda.core import Device
+
+            self._device = Device()
+        return self._device
+
+    def compute_capability(self) -> tuple[int, int]:
+        cc = self._dev().compute_capability
+        return int(cc[0]), int(cc[1])
+
+    # -- the four methods a plan uses ---------------------------------------------
+
+    def load(self, spec):
+        """The cuda.core ``Kernel`` of ``spec`` on the current device (compiled through the disk cache)."""
+        cc = self.compute_capability()
+        key = (spec.name, spec.signature, cc)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            from cuda.core import ObjectCode
+
+            from . import cache
+
+            entry = cache.default().get(spec, cc)
+            code = ObjectCode.from_cubin(entry.cubin) if entry.cubin else ObjectCode.from_ptx(entry.ptx)
+            kernel = code.get_kernel(entry.name)
+            with self._lock:
+                kernel = self._kernels.setdefault(key, kernel)
+        return kernel
+
+    def resident_blocks(self, kernel, threads: int) -> int:
+        """SMs x the occupancy calculator's blocks per SM for ``threads`` threads per block."""
+        try:
+            per_sm = kernel.occupancy.max_active_blocks_per_multiprocessor(threads, 0)
+            sms = self._dev().properties.multiprocessor_count
+            return max(1, int(per_sm) * int(sms))
+        except Exception:  # noqa: BLE001 -- no occupancy query: 4 blocks on each of an H100's 132 SMs
+            return 4 * 132
+
+    def launch_function(self):
+        from cuda.bindings import driver
+
+        return driver.cuLaunchKernel, driver.CUresult.CUDA_SUCCESS
+
+    def bind(self, kernel, grid, block, args, stream):
+        from cuda.bindings import driver
+
+        fn, success = self.launch_function()
+        # a cuda.core Kernel's handle is a CUkernel, which cuLaunchKernel takes where a CUfunction goes
+        return _Bound(fn, driver.CUfunction(int(kernel.handle)), grid, block, args, stream, success).call
+
+    def workspace(self, shape, dtype):
+        """A scratch device array for one call (split-K's partial sums): ``(pointer, holder)``."""
+        import sys
+
+        cupy = sys.modules.get("cupy")
+        if cupy is None:
+            import cupy
+        arr = cupy.empty(shape, dtype=dtype)
+        return arr.data.ptr, arr
+
+    # -- kernel-level launchers (device arrays of any kind) ------------------------
+
+    def arg(self, a) -> int:
+        """The device pointer of a C-contiguous CUDA array (anything with ``__cuda_array_interface__``)."""
+        return device_pointer(a)
+
+    def stream(self, stream) -> int:
+        """A stream as the plans key and launch it here: its ``cudaStream_t`` as an int."""
+        return stream_int(stream)
 
 
-def fast(dispatcher) -> FastKernel:
-    """The (cached) :class:`FastKernel` of ``dispatcher``."""
-    fk = _wrapped.get(dispatcher)
-    if fk is None:
-        fk = _wrapped[dispatcher] = FastKernel(dispatcher)
-    return fk
+class RecordingLauncher(DriverLauncher):
+    """:class:`DriverLauncher` with kernel loading and ``cuLaunchKernel`` replaced by a recorder.
+
+    For the host-path benchmark and tests without a GPU: plans, argument
+    buffers and their per-call writes are the real ones; ``launches`` counts
+    the calls that would have reached the driver and ``last`` keeps the last
+    one's ``(kernel name, grid, block, stream, parameter values)``.
+    """
+
+    name = "recorder (no driver)"
+
+    def __init__(self, sms: int = 132, compute_capability=(9, 0)):
+        super().__init__()
+        self.sms = sms
+        self.cc = tuple(compute_capability)
+        self.launches = 0
+        self.last = None
+        self._names: dict = {}
+        self._layouts: dict = {}
+        self.keep_last = True
+
+    def compute_capability(self):
+        return self.cc
+
+    def bind(self, kernel, grid, block, args, stream):
+        fn, success = self.launch_function()
+        self._layouts[kernel.handle] = [ctype for ctype, _ in flatten(args, [0] * len(args))]
+        return _Bound(fn, kernel.handle, grid, block, args, stream, success).call
+
+    def load(self, spec):
+        handle = len(self._names) + 1
+        self._names[handle] = spec.name
+        return _Stub(handle)
+
+    def resident_blocks(self, kernel, threads: int) -> int:
+        return self.sms * max(1, 2048 // max(threads, 1))
+
+    def launch_function(self):
+        def record(handle, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+            self.launches += 1
+            if self.keep_last:
+                self.last = (handle, (gx, gy, gz), (bx, by, bz), stream, params)
+            return (0,)
+
+        return record, 0
+
+    def last_launch(self) -> dict:
+        """The last launch as data: kernel name, grid, block, stream and every parameter's value,
+        read back from the argument buffer the driver would have read."""
+        handle, grid, block, stream, params = self.last
+        layout = self._layouts[handle]
+        addresses = (ctypes.c_void_p * len(layout)).from_address(params)
+        values = [ctype.from_address(a).value for ctype, a in zip(layout, addresses)]
+        return {"kernel": self._names[handle], "grid": grid, "block": block, "stream": stream, "params": values}
+
+
+class _Stub:
+    __slots__ = ("handle",)
+
+    def __init__(self, handle):
+        self.handle = handle
+
+
+# ----------------------------------------------------------------------------
+# The simulator
+# ----------------------------------------------------------------------------
+
+SIM_BLOCKS = 2  # the simulator runs every thread in Python: one-wave grids stay small
+
+
+class SimLauncher:
+    """The ``sim`` backend's launcher: Numba's simulator, ``kernel[grid, block, stream](*args)``."""
+
+    name = "Numba CUDA simulator"
+
+    def __init__(self):
+        self._kernels: dict = {}
+
+    def load(self, spec):
+        key = (spec.name, spec.signature)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            from numba import cuda
+
+            kernel = self._kernels.setdefault(key, cuda.jit(spec.signature)(spec.pyfunc))
+        return kernel
+
+    def resident_blocks(self, kernel, threads: int) -> int:
+        return SIM_BLOCKS
+
+    def arg(self, a):
+        return a
+
+    def stream(self, stream):
+        return stream
+
+    def workspace(self, shape, dtype):
+        from numba import cuda
+
+        arr = cuda.device_array(shape, dtype)
+        return arr, arr
+
+    def bind(self, kernel, grid, block, args, stream):
+        from numba import cuda
+
+        makers = []
+        n = 0
+        for a in args:
+            if a.shape is not None:
+                shape = tuple(a.shape)
+                makers.append(("array", shape, np.dtype(a.dtype)))
+                n += 1
+            elif a.value is None:
+                makers.append(("scalar", np.dtype(a.dtype).type, None))
+                n += 1
+            else:
+                makers.append(("fixed", np.dtype(a.dtype).type(a.value), None))
+        dummies: dict = {}
+        launch = kernel[grid, block, stream]
+
+        def call(*values):
+            if len(values) != n:
+                raise TypeError(f"this launch takes {n} per-call values, got {len(values)}")
+            it = iter(values)
+            out = []
+            for kind, x, dtype in makers:
+                if kind == "array":
+                    v = next(it)
+                    if v is None:  # an operand the kernel does not read (no bias)
+                        v = dummies.get(x)
+                        if v is None:
+                            v = dummies[x] = cuda.device_array(x, dtype)
+                    elif v.shape != x:
+                        v = v.reshape(x)
+                    out.append(v)
+                elif kind == "scalar":
+                    out.append(x(next(it)))
+                else:
+                    out.append(x)
+            with launch_lock():
+                launch(*out)
+
+        return call
+
+
+class NumbaLauncher(DriverLauncher):
+    """Numba's own compile and launch on a GPU (``GPUFC_LAUNCHER=numba``): the previous route, kept
+    as a fallback and as the peer the GPU tier compares the driver launches with, bit for bit.
+    Slower per call: it builds a Numba device view of every operand."""
+
+    name = "Numba dispatcher"
+
+    def load(self, spec):
+        key = (spec.name, spec.signature)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            from numba import cuda
+
+            options = {"launch_bounds": spec.launch_bounds} if spec.launch_bounds else {}
+            kernel = self._kernels.setdefault(key, cuda.jit(spec.signature, **options)(spec.pyfunc))
+        return kernel
+
+    def resident_blocks(self, kernel, threads: int) -> int:
+        try:
+            return max(1, int(next(iter(kernel.overloads.values())).max_cooperative_grid_blocks(threads)))
+        except Exception:  # noqa: BLE001
+            return 4 * 132
+
+    def bind(self, kernel, grid, block, args, stream):
+        from numba import cuda
+
+        nstream = cuda.default_stream() if stream == 0 else cuda.external_stream(stream)
+        launch = kernel[grid, block, nstream]
+        makers = []
+        for a in args:
+            if a.shape is not None:
+                makers.append(("array", tuple(a.shape), np.dtype(a.dtype).str))
+            elif a.value is None:
+                makers.append(("scalar", np.dtype(a.dtype).type, None))
+            else:
+                makers.append(("fixed", np.dtype(a.dtype).type(a.value), None))
+
+        def call(*values):
+            it = iter(values)
+            out = []
+            for kind, x, typestr in makers:
+                if kind == "array":
+                    ptr = next(it) or 0
+                    desc = {"shape": x, "strides": None, "data": (ptr, False), "typestr": typestr, "version": 3}
+                    out.append(cuda.from_cuda_array_interface(desc, owner=None, sync=False))
+                elif kind == "scalar":
+                    out.append(x(next(it)))
+                else:
+                    out.append(x)
+            launch(*out)
+
+        return call
+
+
+def device_pointer(a) -> int:
+    """The data pointer of a C-contiguous CUDA array; a strided one is a :class:`LayoutError`."""
+    if a is None:
+        return 0
+    cai = a.__cuda_array_interface__
+    strides = cai.get("strides")
+    if strides is not None:
+        step = np.dtype(cai["typestr"]).itemsize
+        shape = cai["shape"]
+        for d in range(len(shape) - 1, -1, -1):
+            if strides[d] != step and shape[d] > 1:
+                raise LayoutError(f"kernel argument of shape {tuple(shape)} has strides {tuple(strides)}; the "
+                                  "kernels need C order: copy it (ascontiguousarray) first")
+            step *= shape[d]
+    return int(cai["data"][0])
+
+
+def stream_int(stream) -> int:
+    """A ``cudaStream_t`` as an int from an int, a Numba stream, or anything :mod:`gpufc.runtime.streams` takes."""
+    if isinstance(stream, int):
+        return stream
+    handle = getattr(stream, "handle", None)
+    if handle is not None and hasattr(handle, "value"):  # a Numba stream: a ctypes handle
+        return int(handle.value or 0)
+    from .streams import stream_handle
+
+    return stream_handle(stream)
+
+
+# ----------------------------------------------------------------------------
+# The active launcher
+# ----------------------------------------------------------------------------
+
+ENV_LAUNCHER = "GPUFC_LAUNCHER"  # "driver" (default) or "numba" on the cuda backend
+_active: list = []
+_active_lock = threading.Lock()
+
+
+def launcher():
+    """The launcher plans are built with: :func:`use_launcher`'s, else the backend's own."""
+    if _active:
+        return _active[0]
+    from . import backend
+
+    with _active_lock:
+        if not _active:
+            if backend.get_backend() == "sim":
+                _active.append(SimLauncher())
+            elif os.environ.get(ENV_LAUNCHER, "driver").strip().lower() == "numba":
+                _active.append(NumbaLauncher())
+            else:
+                _active.append(DriverLauncher())
+    return _active[0]
+
+
+def use_launcher(new):
+    """Install ``new`` (e.g. a :class:`RecordingLauncher`) for plans built from now on; returns the
+    previous one (None: the backend's own). Built plans are dropped, so none launches through the old one."""
+    from . import plan
+
+    with _active_lock:
+        previous = _active[0] if _active else None
+        _active.clear()
+        if new is not None:
+            _active.append(new)
+    plan.PLANS.clear()
+    return previous
+

@@ -2,7 +2,7 @@
 
 :func:`stream_scope` turns a caller's ``stream=`` (None, a CuPy or torch
 stream, a Numba stream, anything with ``__cuda_stream__``, or a raw
-``cudaStream_t`` int) into the stream the kernels are queued on, and makes it
+``cudaStream_t`` int) into the stream handle the kernels are queued on, and makes it
 CuPy's current stream for the call so that the outputs' allocations and any
 copies are ordered on it too. Nothing here synchronises.
 """
@@ -18,26 +18,16 @@ def _module_root(obj) -> str:
     return type(obj).__module__.split(".", 1)[0]
 
 
-_numba_streams: dict = {}  # cudaStream_t handle -> numba Stream
 _cupy_streams: dict = {}  # cudaStream_t handle -> cupy ExternalStream
 
 
 def current_stream():
-    """The Numba stream to launch on: CuPy's current stream on ``cuda``, else the default stream."""
+    """The stream to launch on: CuPy's current stream's handle (an int) on ``cuda``; 0 (the
+    default stream) on ``sim``, whose launches run synchronously anyway."""
     cupy = _backend.cupy_or_none()
     if cupy is None:
-        return _numba_stream(0)
-    return _numba_stream(cupy.cuda.get_current_stream().ptr)
-
-
-def _numba_stream(handle: int):
-    """One Numba stream object per handle: Numba caches launch configurations by stream identity."""
-    stream = _numba_streams.get(handle)
-    if stream is None:
-        cuda = _backend.numba_cuda()
-        stream = cuda.default_stream() if handle == 0 else cuda.external_stream(handle)
-        _numba_streams[handle] = stream
-    return stream
+        return 0
+    return cupy.cuda.get_current_stream().ptr
 
 
 def stream_handle(stream) -> int:
@@ -73,18 +63,20 @@ def stream_handle(stream) -> int:
 
 
 class _Scope:
-    """Context of one call: the Numba stream to launch on, and CuPy's current stream while inside."""
+    """One call's context: ``stream`` (what plans launch on: a ``cudaStream_t`` int; 0 on ``sim``),
+    ``device`` (the CUDA device id; 0 on ``sim``), and CuPy's current stream while inside."""
 
-    __slots__ = ("_cupy_stream", "stream")
+    __slots__ = ("_cupy_stream", "device", "stream")
 
-    def __init__(self, stream, cupy_stream=None):
+    def __init__(self, stream, device=0, cupy_stream=None):
         self.stream = stream
+        self.device = device
         self._cupy_stream = cupy_stream
 
     def __enter__(self):
         if self._cupy_stream is not None:
             self._cupy_stream.__enter__()
-        return self.stream
+        return self
 
     def __exit__(self, *exc):
         if self._cupy_stream is not None:
@@ -97,19 +89,21 @@ class _NoScope:
 
     __slots__ = ()
     stream = None
+    device = None
 
     def __enter__(self):
-        return None
+        return self
 
     def __exit__(self, *exc):
         return False
 
 
 _NO_SCOPE = _NoScope()
+_SIM_SCOPE = _Scope(0)
 
 
 def stream_scope(stream=None):
-    """``with stream_scope(stream) as s:`` launch on ``s``; allocations follow it.
+    """``with stream_scope(stream) as s:`` launch on ``s.stream``; allocations follow it.
 
     ``stream=None`` is CuPy's current stream (``cuda``) or the default stream
     (``sim``). On ``sim`` and ``cpu`` a given stream is validated and ignored:
@@ -120,11 +114,14 @@ def stream_scope(stream=None):
         handle = stream_handle(stream)
     if name == "cpu":
         return _NO_SCOPE
-    if name == "sim" or stream is None:
-        return _Scope(current_stream())
+    if name == "sim":
+        return _SIM_SCOPE
     cupy = _backend.cupy_or_none()
-    if cupy is None or cupy.cuda.get_current_stream().ptr == handle:
-        return _Scope(_numba_stream(handle))
+    if cupy is None:
+        return _Scope(0 if stream is None else handle)
+    current = cupy.cuda.get_current_stream()
+    if stream is None or current.ptr == handle:
+        return _Scope(current.ptr, getattr(current, "device_id", 0))
     if _module_root(stream) == "cupy" and hasattr(stream, "__enter__"):
         cupy_stream = stream
     else:
@@ -133,4 +130,4 @@ def stream_scope(stream=None):
             cupy_stream = _cupy_streams[handle] = (
                 cupy.cuda.Stream.null if handle == 0 else cupy.cuda.ExternalStream(handle)
             )
-    return _Scope(_numba_stream(handle), cupy_stream)
+    return _Scope(handle, getattr(current, "device_id", 0), cupy_stream)

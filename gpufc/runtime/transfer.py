@@ -5,19 +5,19 @@ no host copy; any other CUDA array (``__cuda_array_interface__`` or DLPack on
 a CUDA device, e.g. a torch tensor) in -> the same type out, zero-copy.
 
 An :class:`Operand` records what the caller passed (its kind, shape, dtype)
-without moving it. :func:`device_view` gives the kernels a C-contiguous Numba
-device view (copying only a host array or a non-contiguous device array);
-:func:`empty` allocates an output (CuPy on the ``cuda`` backend, Numba's
-simulator arrays on ``sim``); :func:`to_caller` returns it in the caller's type.
+without moving it. :func:`device_view` gives a launch plan its argument (the
+device pointer of a C-contiguous view on ``cuda``, copying only a host array
+or a non-contiguous device array; a simulator array on ``sim``); :func:`empty`
+allocates an output (CuPy on ``cuda``, Numba's simulator arrays on ``sim``);
+:func:`to_caller` returns it in the caller's type.
 
 Streams are :mod:`gpufc.runtime.streams` (re-exported here). Nothing here
 synchronises except returning a result to a NumPy caller.
 
 Call overhead: this module runs on every call, so its fast paths are the
 common cases: an exact ``numpy.ndarray`` or ``cupy.ndarray`` is classified by a
-dict lookup on its type; C-contiguous CuPy arrays get their Numba view built
-from a minimal interface dict (no stream to import, no synchronisation);
-Numba and CuPy streams are created once per handle and cached.
+dict lookup on its type; a C-contiguous CuPy array is passed on as its data
+pointer (no view object, no stream, no synchronisation).
 """
 
 from __future__ import annotations
@@ -136,49 +136,85 @@ def as_cupy(op: Operand):
 
 
 def device_view(op: Operand, shape=None):
-    """A C-contiguous Numba device view of ``op`` (reshaped to ``shape``), copying only when needed.
+    """``op`` as a kernel argument, copying only when needed: ``(arg, keepalive)``.
 
-    Returns ``(view, keepalive)``: hold ``keepalive`` until the kernels that read the view are queued.
-    A host (NumPy) operand is copied to the device once per call, on the current stream.
+    ``arg`` is what a launch plan takes: on ``cuda`` the device pointer (an
+    int) of a C-contiguous copy-free view of ``op``; on ``sim`` a simulator
+    device array of ``shape`` (default ``op.shape``). Hold ``keepalive`` until
+    the kernels that read it are queued. A host (NumPy) operand is copied to
+    the device once per call, on the current stream; a strided device operand
+    is copied to C order.
     """
-    shape = op.shape if shape is None else shape
     if op.kind == "numpy":
-        host = np.ascontiguousarray(op.value).reshape(shape)
+        host = np.ascontiguousarray(op.value)
         cupy = _backend.cupy_or_none()
         if cupy is None:
-            dev = _backend.numba_cuda().to_device(host, stream=current_stream())
+            dev = _backend.numba_cuda().to_device(host.reshape(op.shape if shape is None else shape))
             return dev, dev
         arr = cupy.asarray(host)
-        return _numba_view(arr), arr
+        return arr.data.ptr, arr
     arr = op.value if op.kind == "cupy" else as_cupy(op)
     if not arr.flags.c_contiguous:
         arr = _require_cupy(op.name).ascontiguousarray(arr)  # a copy only when strided
-    if arr.shape != shape:
-        arr = arr.reshape(shape)
+    return arr.data.ptr, arr
+
+
+def empty(shape, dtype):
+    """Allocate an uninitialised device array: ``(arg, holder)``, ``arg`` as :func:`device_view` gives it."""
+    cupy = _backend.cupy_or_none()
+    if cupy is None:
+        dev = _backend.numba_cuda().device_array(shape, dtype=dtype)
+        return dev, dev
+    arr = cupy.empty(shape, dtype=dtype)
+    return arr.data.ptr, arr
+
+
+# The tensor-core route (gpufc/precision.py) still launches through Numba: Numba device views.
+
+
+def numba_view(op: Operand, shape=None):
+    """``op`` as a Numba device view (the simulator's array on ``sim``): ``(view, keepalive)``."""
+    arg, keep = device_view(op, shape)
+    if not isinstance(arg, int):
+        return arg, keep
+    shape = op.shape if shape is None else shape
+    arr = keep if tuple(keep.shape) == tuple(shape) else keep.reshape(shape)
     return _numba_view(arr), arr
 
 
-def _numba_view(arr):
-    """Numba's view of a C-contiguous CuPy array, zero-copy.
+def numba_empty(shape, dtype):
+    """Allocate an uninitialised device array: ``(Numba view, holder)``."""
+    arg, holder = empty(shape, dtype)
+    return (_numba_view(holder) if isinstance(arg, int) else arg), holder
 
-    The interface dict is built here rather than read from CuPy: CuPy's names
-    its current stream, which makes Numba wrap that stream in a new object on
-    every call. gpufc orders its launches on the caller's stream itself, so the
-    view needs no stream and no synchronisation.
-    """
-    desc = {"shape": arr.shape, "strides": None, "data": (arr.data.ptr, False),
+
+def _numba_view(arr):
+    """Numba's view of a C-contiguous CuPy array, zero-copy, without a stream (no synchronisation)."""
+    desc = {"shape": tuple(arr.shape), "strides": None, "data": (arr.data.ptr, False),
             "typestr": arr.dtype.str, "version": 3}
     return _backend.numba_cuda().from_cuda_array_interface(desc, owner=arr, sync=False)
 
 
-def empty(shape, dtype):
-    """Allocate an uninitialised device array: ``(view, holder)``."""
+_numba_streams: dict = {}
+
+
+def numba_stream(handle):
+    """The Numba stream object of a stream handle (one per handle; 0: the default stream)."""
+    stream = _numba_streams.get(handle)
+    if stream is None:
+        cuda = _backend.numba_cuda()
+        stream = cuda.default_stream() if not handle else cuda.external_stream(handle)
+        _numba_streams[handle] = stream
+    return stream
+
+
+def copy(dst_arg, src_arg, nbytes: int, stream) -> None:
+    """``dst = src`` for two device arguments of ``nbytes`` each, queued on ``stream``."""
     cupy = _backend.cupy_or_none()
     if cupy is None:
-        dev = _backend.numba_cuda().device_array(shape, dtype=dtype, stream=current_stream())
-        return dev, dev
-    arr = cupy.empty(shape, dtype=dtype)
-    return _numba_view(arr), arr
+        dst_arg.reshape(dst_arg.size).copy_to_device(src_arg.reshape(src_arg.size))
+    elif nbytes:
+        cupy.cuda.runtime.memcpyAsync(dst_arg, src_arg, nbytes, cupy.cuda.runtime.memcpyDeviceToDevice, stream)
 
 
 def to_host(op: Operand) -> np.ndarray:

@@ -60,7 +60,10 @@ import numba
 import numpy as np
 from numba import cuda
 
-from gpufc.runtime.launch import fast, serialised_in_sim
+from gpufc.runtime import launch as _launch
+from gpufc.runtime import plan as _plan
+
+from ..catalogue import KernelSpec, LaunchSpec, array, scalar
 
 from . import philox
 from .mask import _MASK_SIG, MASK_BITS, dropout_mask_source
@@ -77,10 +80,9 @@ from .v2 import (
     unroll_for,
 )
 
+VERSION = 2  # the version the host API runs (gpufc.dropout, the fused backward); tests route it to 1
 THREADS = 256  # per block; a multiple of the warp size
 MAX_BLOCKS = 65535 * 4  # v1: grid-stride past this; plenty to fill any current GPU
-SIM_BLOCKS = 2  # the simulator runs every thread in Python: a small grid keeps it quick
-FALLBACK_BLOCKS_PER_SM = 4  # when the occupancy API is unavailable
 
 
 def _flat_sig(dtype) -> str:
@@ -94,32 +96,53 @@ def _act_bwd_sig(dtype) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Kernel factories (cached: Numba freezes closures at the first compile)
+# Kernels (cached: Numba freezes closures at the first compile)
 # ----------------------------------------------------------------------------
 
 
 @functools.cache
+def dropout_spec(dtype, version=2, vector=True) -> KernelSpec:
+    """The forward: v1, or v2's ``vec16`` / ``scalar`` specialisation (the fused kernel without activation)."""
+    dtype = np.dtype(dtype)
+    if version == 1:
+        return KernelSpec(f"dropout/v1/{dtype.name}", dropout_v1_source(dtype.type), _flat_sig(dtype))
+    io = "vec16" if vector else "scalar"
+    return KernelSpec(f"dropout/v2_{io}/{dtype.name}", dropout_v2_source(dtype.type, bool(vector)), _act_bwd_sig(dtype))
+
+
+@functools.cache
+def act_dropout_backward_spec(dtype, activation, dropout, version=2) -> KernelSpec:
+    """``g = dropout'(grad) * act'(z)``: v1, or v2's ``vec16`` specialisation (the one the launchers run)."""
+    dtype = np.dtype(dtype)
+    if version == 1:
+        name = f"act_dropout_backward/{dtype.name}/{activation or 'id'}" + ("+drop" if dropout else "")
+        return KernelSpec(name, act_dropout_backward_source(dtype.type, activation, bool(dropout)), _act_bwd_sig(dtype))
+    name = f"act_dropout_backward/v2_vec16/{dtype.name}/{activation}" + ("+drop" if dropout else "")
+    return KernelSpec(name, act_dropout_backward_v2_source(dtype.type, activation, bool(dropout), True),
+                      _act_bwd_sig(dtype))
+
+
+@functools.cache
+def mask_spec() -> KernelSpec:
+    return KernelSpec("dropout_mask/v1/uint8", dropout_mask_source(), _MASK_SIG)
+
+
 def make_dropout_kernel(dtype, version=2, vector=True):
-    dtype = np.dtype(dtype).type
-    if version == 1:
-        return cuda.jit(_flat_sig(dtype))(dropout_v1_source(dtype))
-    # v2's forward is the fused kernel without activation, launched as (x, x, y, ...)
-    return make_act_dropout_backward_kernel(dtype, None, True, 2, vector)
+    """The Numba dispatcher of :func:`dropout_spec` (kernel-level tests)."""
+    return _jit(dropout_spec(dtype, version, vector))
 
 
-@functools.cache
-def make_act_dropout_backward_kernel(dtype, activation, dropout, version=2, vector=True):
-    """v1, or v2 (``vector``: the vec16 or the scalar specialisation); the launchers run only the
-    combinations :func:`catalogue` lists."""
-    dtype = np.dtype(dtype).type
-    if version == 1:
-        return cuda.jit(_act_bwd_sig(dtype))(act_dropout_backward_source(dtype, activation, dropout))
-    return cuda.jit(_act_bwd_sig(dtype))(act_dropout_backward_v2_source(dtype, activation, dropout, vector))
+def make_act_dropout_backward_kernel(dtype, activation, dropout, version=2):
+    return _jit(act_dropout_backward_spec(dtype, activation, dropout, version))
 
 
-@functools.cache
 def make_dropout_mask_kernel():
-    return cuda.jit(_MASK_SIG)(dropout_mask_source())
+    return _jit(mask_spec())
+
+
+@functools.cache
+def _jit(spec: KernelSpec):
+    return cuda.jit(spec.signature)(spec.pyfunc)
 
 
 # ----------------------------------------------------------------------------
@@ -132,38 +155,19 @@ def grid_for(n: int, threads: int = THREADS) -> int:
     return max(1, min(MAX_BLOCKS, -(-n // threads)))
 
 
-_resident: dict = {}
-
-
-def resident_blocks(kern, threads: int) -> int:
-    """Blocks of ``kern`` that fit on the current device at once: SMs x blocks per SM (cached).
-
-    Blocks per SM come from the driver's occupancy calculator for the compiled
-    kernel; the simulator gets a small grid (it runs each thread in Python).
-    """
-    if _SIM:
-        return SIM_BLOCKS
-    dev = cuda.get_current_device()
-    key = (kern, threads, dev.id)
-    if key not in _resident:
-        try:
-            compiled = next(iter(kern.overloads.values()))
-            _resident[key] = max(1, int(compiled.max_cooperative_grid_blocks(threads)))
-        except Exception:  # noqa: BLE001 -- no occupancy query in this numba-cuda: a safe guess
-            _resident[key] = int(dev.MULTIPROCESSOR_COUNT) * FALLBACK_BLOCKS_PER_SM
-    return _resident[key]
-
-
-def v2_grid(kern, n: int, head: int, unroll: int, threads: int = THREADS, blocks=None) -> int:
-    """v2 blocks: one wave of resident blocks, fewer when there are fewer trips to hand out."""
+def v2_grid(resident: int, n: int, head: int, unroll: int, threads: int = THREADS, blocks=None) -> int:
+    """v2 blocks: one wave of the ``resident`` blocks the device holds at once (the driver's
+    occupancy calculator for the compiled kernel), fewer when there are fewer trips to hand out."""
     if blocks is not None:
         return int(blocks)
     groups = -(-(n + head) // GROUP)
-    return max(1, min(resident_blocks(kern, threads), -(-groups // (threads * unroll))))
+    return max(1, min(resident, -(-groups // (threads * unroll))))
 
 
 def address(a) -> int:
-    """Device address of ``a``'s first element (the host address in the simulator)."""
+    """Device address of ``a``'s first element (the host address in the simulator); ints are addresses."""
+    if isinstance(a, int):
+        return a
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
         return int(a.__array_interface__["data"][0])
@@ -193,11 +197,75 @@ def _check_version(version):
 
 
 # ----------------------------------------------------------------------------
-# Launchers
+# Launches (data) and their plans
+# ----------------------------------------------------------------------------
+
+_U32, _U64, _I64, _U8 = np.dtype(np.uint32), np.dtype(np.uint64), np.dtype(np.int64), np.dtype(np.uint8)
+
+
+def _tail(dtype, scale=True):
+    t = (scalar("k0", _U32), scalar("k1", _U32), scalar("offset", _U64), scalar("threshold", _U64))
+    return t + ((scalar("scale", dtype),) if scale else ())
+
+
+def dropout_launch(n: int, dtype, version=2, vector=False, head=0, blocks=None, threads=THREADS) -> LaunchSpec:
+    """``y = dropout(x)`` on flat (n,) arrays, n > 0. Per-call values: x, y (v1) or x, x, y (v2), then
+    k0, k1, offset, threshold, scale. ``head`` is ``offset % 4`` (v2's first group is cut by it)."""
+    _check_version(version)
+    dtype = np.dtype(dtype)
+    if version == 1:
+        args = (array("x", (n,), dtype), array("y", (n,), dtype)) + _tail(dtype)
+        return LaunchSpec(dropout_spec(dtype, 1), (blocks or grid_for(n, threads),), (threads,), args)
+    args = (array("x", (n,), dtype), array("z", (n,), dtype), array("y", (n,), dtype)) + _tail(dtype)
+    unroll = unroll_for(None)
+    return LaunchSpec(dropout_spec(dtype, 2, vector), lambda resident: (v2_grid(resident, n, head, unroll, threads,
+                                                                                blocks),), (threads,), args)
+
+
+def dropout_plan(n: int, dtype, version=2, vector=False, head=0, blocks=None, threads=THREADS, device=0, stream=0):
+    key = ("dropout", n, dtype, version, vector, head, blocks, threads, device, stream)
+    return _plan.get(key, dropout_launch, n, dtype, version, vector, head, blocks, threads)
+
+
+def act_dropout_backward_launch(n: int, dtype, activation, dropout, vec16=True, blocks=None,
+                                threads=THREADS) -> LaunchSpec:
+    """``g = dropout'(grad) * act'(z)`` on flat (n,) arrays, n > 0, an activation given. ``vec16``: v2's vec16
+    kernel (16-byte aligned arrays, offset % 4 == 0 with dropout), else v1. Per-call values: grad, z, g,
+    k0, k1, offset, threshold, scale."""
+    dtype = np.dtype(dtype)
+    args = (array("grad", (n,), dtype), array("z", (n,), dtype), array("g", (n,), dtype)) + _tail(dtype)
+    if vec16:
+        unroll = unroll_for(activation)
+        return LaunchSpec(act_dropout_backward_spec(dtype, activation, dropout, 2),
+                          lambda resident: (v2_grid(resident, n, 0, unroll, threads, blocks),), (threads,), args)
+    return LaunchSpec(act_dropout_backward_spec(dtype, activation, dropout, 1), (blocks or grid_for(n, threads),),
+                      (threads,), args)
+
+
+def act_dropout_backward_plan(n: int, dtype, activation, dropout, vec16=True, blocks=None, threads=THREADS, device=0,
+                              stream=0):
+    key = ("act_dropout_backward", n, dtype, activation, dropout, vec16, blocks, threads, device, stream)
+    return _plan.get(key, act_dropout_backward_launch, n, dtype, activation, dropout, vec16, blocks, threads)
+
+
+def mask_launch(size: int, blocks=None, threads=THREADS) -> LaunchSpec:
+    """The packed keep mask of ``size`` elements into ``ceil(size / 8)`` bytes, size > 0. Per-call values:
+    mask, k0, k1, offset, threshold."""
+    nbytes = -(-size // MASK_BITS)
+    args = (array("mask", (nbytes,), _U8), scalar("n", _I64, size)) + _tail(None, scale=False)
+    grid = (lambda resident: (blocks or max(1, min(resident, -(-nbytes // threads))),))
+    return LaunchSpec(mask_spec(), grid, (threads,), args)
+
+
+def mask_plan(size: int, blocks=None, threads=THREADS, device=0, stream=0):
+    return _plan.get(("dropout_mask", size, blocks, threads, device, stream), mask_launch, size, blocks, threads)
+
+
+# ----------------------------------------------------------------------------
+# Launchers on device arrays (kernel-level: tests, benchmarks); the host API calls the plans
 # ----------------------------------------------------------------------------
 
 
-@serialised_in_sim
 def launch_dropout(x, y, *, key, offset, threshold, scale, stream=0, version=2, vector=None,
                    blocks=None, threads=THREADS):
     """``y = dropout(x)`` on flat (n,) device arrays x, y, n > 0.
@@ -208,17 +276,18 @@ def launch_dropout(x, y, *, key, offset, threshold, scale, stream=0, version=2, 
     benchmarks); the output never depends on them.
     """
     _check_version(version)
-    dtype = np.dtype(x.dtype).type
-    args = (np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset), np.uint64(threshold), dtype(scale))
+    ln = _launch.launcher()
+    n, dtype = x.size, np.dtype(x.dtype)
+    tail = (int(key[0]), int(key[1]), int(offset), int(threshold), float(scale))
+    s = ln.stream(stream)
     if version == 1:
-        fast(make_dropout_kernel(dtype, 1))(blocks or grid_for(x.size, threads), threads, stream, x, y, *args)
+        dropout_plan(n, dtype, 1, False, 0, blocks, threads, 0, s)(ln.arg(x), ln.arg(y), *tail)
         return
-    kern = make_dropout_kernel(dtype, 2, _pick_vector(vector, offset, (x, y)))
-    grid = v2_grid(kern, x.size, offset % GROUP, unroll_for(None), threads, blocks)
-    fast(kern)(grid, threads, stream, x, x, y, *args)
+    vec = _pick_vector(vector, offset, (x, y))
+    xa = ln.arg(x)
+    dropout_plan(n, dtype, 2, vec, offset % GROUP, blocks, threads, 0, s)(xa, xa, ln.arg(y), *tail)
 
 
-@serialised_in_sim
 def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset, threshold, scale, stream=0,
                                 version=2, blocks=None, threads=THREADS):
     """``g = dropout'(grad) * act'(z)`` on flat (n,) device arrays, n > 0 (z unused without activation).
@@ -238,19 +307,13 @@ def launch_act_dropout_backward(grad, z, g, *, activation, dropout, key, offset,
         else:
             g.copy_to_device(grad, stream=stream)
         return
-    dtype = np.dtype(grad.dtype).type
-    args = (grad, z, g, np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset), np.uint64(threshold),
-            dtype(scale))
-    if version == 2 and vector_ok(offset, dropout, grad, z, g):
-        kern = make_act_dropout_backward_kernel(dtype, activation, dropout, 2)
-        grid = v2_grid(kern, grad.size, 0, unroll_for(activation), threads, blocks)
-    else:
-        kern = make_act_dropout_backward_kernel(dtype, activation, dropout, 1)
-        grid = blocks or grid_for(grad.size, threads)
-    fast(kern)(grid, threads, stream, *args)
+    ln = _launch.launcher()
+    vec16 = version == 2 and vector_ok(offset, dropout, grad, z, g)
+    plan = act_dropout_backward_plan(grad.size, np.dtype(grad.dtype), activation, dropout, vec16, blocks, threads, 0,
+                                     ln.stream(stream))
+    plan(ln.arg(grad), ln.arg(z), ln.arg(g), int(key[0]), int(key[1]), int(offset), int(threshold), float(scale))
 
 
-@serialised_in_sim
 def launch_dropout_mask(mask, *, size, key, offset, threshold, stream=0, blocks=None, threads=THREADS):
     """Packed keep mask of ``size`` elements into ``mask`` (ceil(size / 8),) uint8 on the device."""
     nbytes = -(-size // MASK_BITS)
@@ -258,31 +321,24 @@ def launch_dropout_mask(mask, *, size, key, offset, threshold, stream=0, blocks=
         raise ValueError(f"mask must have ceil(size / 8) = {nbytes} bytes for size={size}, got mask.size={mask.size}")
     if nbytes == 0:
         return
-    kern = make_dropout_mask_kernel()
-    grid = blocks or max(1, min(resident_blocks(kern, threads), -(-nbytes // threads)))
-    fast(kern)(grid, threads, stream, mask, np.int64(size), np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset),
-               np.uint64(threshold))
+    ln = _launch.launcher()
+    mask_plan(size, blocks, threads, 0, ln.stream(stream))(ln.arg(mask), int(key[0]), int(key[1]), int(offset),
+                                                           int(threshold))
 
 
 def catalogue():
     """KernelSpec entries for every dropout kernel the launchers can run (see kernels.catalogue)."""
     from ..activations import NAMES
-    from ..catalogue import KernelSpec
 
     for dt in (np.float32, np.float64):
-        dn = np.dtype(dt).name
-        yield KernelSpec(f"dropout/v1/{dn}", dropout_v1_source(dt), _flat_sig(dt))
+        yield dropout_spec(dt, 1)
         for act in NAMES:
-            yield KernelSpec(f"act_dropout_backward/{dn}/{act or 'id'}+drop",
-                             act_dropout_backward_source(dt, act, True), _act_bwd_sig(dt))
+            yield act_dropout_backward_spec(dt, act, True, 1)
         for act in NAMES[1:]:  # v1 without dropout: the fused backward's fallback for misaligned arrays
-            yield KernelSpec(f"act_dropout_backward/{dn}/{act}", act_dropout_backward_source(dt, act, False),
-                             _act_bwd_sig(dt))
+            yield act_dropout_backward_spec(dt, act, False, 1)
         for vec in (True, False):
-            io = "vec16" if vec else "scalar"
-            yield KernelSpec(f"dropout/v2_{io}/{dn}", dropout_v2_source(dt, vec), _act_bwd_sig(dt))
+            yield dropout_spec(dt, 2, vec)
         for act in NAMES[1:]:  # None + dropout is the v2 forward above
             for drop in (True, False):
-                yield KernelSpec(f"act_dropout_backward/v2_vec16/{dn}/{act}{'+drop' if drop else ''}",
-                                 act_dropout_backward_v2_source(dt, act, drop, True), _act_bwd_sig(dt))
-    yield KernelSpec("dropout_mask/v1/uint8", dropout_mask_source(), _MASK_SIG)
+                yield act_dropout_backward_spec(dt, act, drop, 2)
+    yield mask_spec()

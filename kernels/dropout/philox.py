@@ -5,7 +5,7 @@ counter words and two uint32 key words in, four uint32 words out. Every word
 stays 32-bit; only the two 32x32 products per round widen to 64 bits, which
 compiles to ``mul.wide.u32`` (hi and lo halves in one instruction pair).
 
-``keep_word(n, k0, k1)`` applies the contract of ARCHITECTURE.md: element
+``keep_word(n, k0, k1)`` applies the dropout mask contract (docs/architecture.md): element
 ``n = offset + e`` reads word ``n % 4`` of the block at counter
 ``(lo32(n // 4), hi32(n // 4), 0, 0)``. It draws a whole block for one word;
 ``philox_block(block, k0, k1)`` returns all four words of one block, which is

@@ -40,7 +40,10 @@ import numba
 import numpy as np
 from numba import cuda
 
-from gpufc.runtime.launch import fast, serialised_in_sim
+from gpufc.runtime import launch as _launch
+from gpufc.runtime import plan as _plan
+
+from ..catalogue import KernelSpec, LaunchSpec, array, scalar
 
 from . import bias_grad, configs, epilogue, splitk, v1_shared, v2_register_tiled, v3_pipelined
 from .bias_grad import (
@@ -48,6 +51,9 @@ from .bias_grad import (
     BIAS_GRAD_THREADS,
     BIAS_LANES,
     _bias_grad_sig,
+    bias_grad_launch,
+    bias_grad_plan,
+    bias_grad_spec,
     bias_grad_v1_source,
     bias_grad_v2_source,
     launch_bias_grad,
@@ -62,8 +68,10 @@ from .configs import (
     TileConfig,
     V1Config,
     ceil_div,
+    check_config,
     choose_config,
     config_by_name,
+    config_names,
     device_sm_count,
     resolve_config,
 )
@@ -83,9 +91,12 @@ __all__ = [
     "catalogue",
     "choose_config",
     "config_by_name",
+    "config_names",
     "launch_bias_grad",
     "launch_matmul",
     "make_matmul_kernel",
+    "matmul_launch",
+    "matmul_plan",
     "resolve_config",
 ]
 
@@ -122,78 +133,213 @@ def kernel_signature(cfg, dtype, trans_a=False, trans_b=False) -> str:
 
 
 U32_LIMIT = 2**32
+_U32, _U64 = np.dtype(np.uint32), np.dtype(np.uint64)
 
 
-def _choose(config, m, n, k, dtype, ep, trans_a, trans_b, a, b):
-    """(configuration, split-K chunk or None): a tuned record for this shape bucket, epilogue and
-    layout on this device (``gpufc tune``) if there is one, else the default table; a given
-    ``config`` runs in one pass. Version 3 indexes the operands with 32 bits: larger operands
-    take the default table's version-2 peer."""
+@functools.cache
+def matmul_spec(cfg, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN, vec=True) -> KernelSpec:
+    """The kernel of one (configuration, dtype, operand layout, epilogue; version 3: vector or
+    scalar loads): what the plans and the on-disk cache name it by (the catalogue's names)."""
+    dtype = np.dtype(dtype)
+    ta, tb = bool(trans_a), bool(trans_b)
+    tag = ("T" if ta else "N") + ("T" if tb else "N")
+    name = f"matmul/{cfg.name}/{dtype.name}/{tag}/{ep.tag}"
+    if isinstance(cfg, TileConfig) and cfg.version == 3:
+        return KernelSpec(name + ("" if vec else "/scalar"),
+                          v3_pipelined.pipelined_function(cfg, dtype.type, ta, tb, ep, bool(vec)),
+                          v3_pipelined.signature(dtype), main_loop=True,
+                          launch_bounds=v3_pipelined._bounds(cfg, ta, tb, bool(vec)), threads=cfg.threads)
+    return KernelSpec(name, kernel_source(cfg, dtype.type, ta, tb, ep), kernel_signature(cfg, dtype, ta, tb),
+                      main_loop=True, launch_bounds=cfg.launch_bounds(ta, tb) if isinstance(cfg, TileConfig) else None,
+                      threads=cfg.threads)
+
+
+def route(config, m: int, n: int, k: int, dtype, ep: Epilogue = PLAIN, trans_a=False, trans_b=False, aligned=True):
+    """``(configuration, split-K chunk or None, vector loads)`` for one matmul: a given ``config`` in
+    one pass; else a tuned record for this shape bucket, epilogue and layout on this device
+    (``gpufc tune``) if there is one, else the default table. Version 3 indexes the operands with
+    32 bits (larger operands take the table's version-2 peer) and loads vectors when both operands
+    are 16-byte ``aligned`` and their contiguous dimensions multiples of 4."""
+    dtype = np.dtype(dtype)
+    chunk = None
     if config is not None:
-        return resolve_config(config, m, n, k, dtype), None
-    from gpufc import tune
-
-    layout = ("T" if trans_a else "N") + ("T" if trans_b else "N")
-    rec = tune.recorded(m, n, k, dtype, ep.tag, layout)
-    if rec is not None and rec["config"] in configs._BY_NAME:
-        cfg, chunk = config_by_name(rec["config"]), rec["chunk"]
+        cfg = resolve_config(config, m, n, k, dtype)
     else:
-        cfg = resolve_config(None, m, n, k, dtype)
-        chunk = configs.choose_chunk(cfg, m, n, k, dtype, sms=device_sm_count())
-    if cfg.version == 3 and max(a.size, b.size) >= v3_pipelined.U32_LIMIT:
-        return config_by_name(V2_PEER[cfg.name]), None
-    if cfg.version == 3 and cfg.min_blocks > 1 and not v3_pipelined.vector_ok(a, b, m, n, k, trans_a, trans_b):
+        from gpufc import tune
+
+        layout = ("T" if trans_a else "N") + ("T" if trans_b else "N")
+        rec = tune.recorded(m, n, k, dtype, ep.tag, layout)
+        if rec is not None and rec["config"] in configs._BY_NAME:
+            cfg, chunk = config_by_name(rec["config"]), rec["chunk"]
+        else:
+            cfg = resolve_config(None, m, n, k, dtype)
+            chunk = configs.choose_chunk(cfg, m, n, k, dtype, sms=device_sm_count())
+    check_config(cfg, dtype)
+    if not (isinstance(cfg, TileConfig) and cfg.version == 3):
+        return cfg, None, True
+    vec = aligned and (m if trans_a else k) % 4 == 0 and (k if trans_b else n) % 4 == 0
+    if config is None and max(m * k, k * n) >= v3_pipelined.U32_LIMIT:
+        return config_by_name(V2_PEER[cfg.name]), None, True
+    if config is None and cfg.min_blocks > 1 and not vec:
         # the register-capped tile's scalar loader would run uncapped (1 block per SM): version 2's
         # tile keeps 2 blocks per SM (measured, 39.1 TFLOP/s at 4096^3 on an H200)
-        return config_by_name(V2_PEER[cfg.name]), None
-    return cfg, chunk
+        return config_by_name(V2_PEER[cfg.name]), None, True
+    return cfg, chunk, vec
 
 
-@serialised_in_sim
-def launch_matmul(a, b, bias, y, zout, *, trans_a=False, trans_b=False, ep: Epilogue = PLAIN,
-                  key=(0, 0), offset=0, threshold=0, scale=0.0, config=None, stream=0):
-    """Launch ``y = epilogue(op(a) @ op(b))`` on device arrays (Numba views, C-contiguous).
-
-    Shapes: a (M, K) or (K, M) with trans_a; b (K, N) or (N, K) with trans_b;
-    bias (N,) (any 1-element array when ``ep.bias`` is False); y (M, N);
-    zout (M, N) (may be ``y`` when ``ep.save_preact`` is False).
-    The caller has validated shapes and dtypes; M, N > 0 (K may be 0: y = epilogue(0)).
-    ``config``: None picks by shape (:func:`choose_config`); ``V1``, a
-    :class:`TileConfig` or a configuration name overrides.
-    """
-    dtype = np.dtype(y.dtype)
-    m, n = y.shape
-    k = a.shape[0] if trans_a else a.shape[1]
-    cfg, chunk = _choose(config, m, n, k, dtype, ep, trans_a, trans_b, a, b)
-    if isinstance(cfg, TileConfig) and cfg.version == 3:
-        ws = None
-        if chunk is not None:
-            # split-K's partial sums: one (splits, M, N) workspace per call, freed with it
-            ws = cuda.device_array((splitk.splits_for(k, chunk), m, n), dtype)
-        v3_pipelined.launch(a, b, bias, y, zout, cfg=cfg, trans_a=trans_a, trans_b=trans_b, ep=ep, key=key,
-                            offset=offset, threshold=threshold, scale=scale, stream=stream, chunk=chunk, ws=ws)
-        return
-    kern = make_matmul_kernel(cfg, dtype.type, bool(trans_a), bool(trans_b), ep)
+def _grid(cfg, m, n):
     grid = cfg.grid(m, n)
     if grid[1] > 65535:
         raise ValueError(f"y has {n} columns; {cfg.name} launches at most 65535 column tiles "
                          f"({65535 * (cfg.bn if isinstance(cfg, TileConfig) else cfg.tile)} columns)")
-    tail = (np.uint32(key[0]), np.uint32(key[1]), np.uint64(offset), np.uint64(threshold), dtype.type(scale))
+    return grid
+
+
+def _tail(dtype):
+    return (scalar("k0", _U32), scalar("k1", _U32), scalar("offset", _U64), scalar("threshold", _U64),
+            scalar("scale", dtype))
+
+
+def matmul_launch(m: int, n: int, k: int, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN,
+                  cfg=None, vec=True) -> LaunchSpec:
+    """The one-pass launch of ``y (M, N) = epilogue(op(a) @ op(b))`` with ``cfg``; M, N > 0, K >= 0.
+
+    Per-call values, in order: the device arrays a ((M, K), or (K, M) with
+    trans_a), b ((K, N), or (N, K) with trans_b), bias ((N,); None without
+    ``ep.bias``), y and zout ((M, N); zout may be y without ``ep.save_preact``),
+    then the dropout key words k0, k1, the element offset, the threshold and the scale.
+    """
+    dtype = np.dtype(dtype)
+    grid = _grid(cfg, m, n)
+    a_shape = (k, m) if trans_a else (m, k)
+    b_shape = (n, k) if trans_b else (k, n)
+    operands = (array("bias", (n,) if ep.bias else (1,), dtype), array("y", (m, n), dtype),
+                array("zout", (m, n), dtype))
     if isinstance(cfg, V1Config):
-        fast(kern)(grid, cfg.block(), stream, a, b, bias, y, zout, *tail)
-        return
-    if max(m, n, k) >= U32_LIMIT:
-        raise ValueError(f"M, N and K must each be below 2**32 for {cfg.name}, got M={m}, N={n}, K={k}")
-    # The tiled kernels index the operands flat (one index per run of 4 loads).
-    fast(kern)(grid, cfg.block(), stream, a.reshape(a.size), b.reshape(b.size), bias, y, zout, np.uint64(k), *tail)
+        args = (array("a", a_shape, dtype), array("b", b_shape, dtype)) + operands + _tail(dtype)
+        return LaunchSpec(matmul_spec(cfg, dtype, trans_a, trans_b, ep), grid, cfg.block(), args)
+    limit = v3_pipelined.U32_LIMIT if cfg.version == 3 else U32_LIMIT
+    if max(m, n, k) >= U32_LIMIT or (cfg.version == 3 and max(m * k, k * n) >= limit):
+        raise ValueError(f"{cfg.name} cannot index M={m}, N={n}, K={k} (operands of 2**32 elements or more)")
+    # The tiled kernels index the operands flat (one index per run of 4 loads) and take K.
+    args = (array("a", (m * k,), dtype), array("b", (k * n,), dtype)) + operands + (scalar("k", _U64, k),) + \
+        _tail(dtype)
+    return LaunchSpec(matmul_spec(cfg, dtype, trans_a, trans_b, ep, vec), grid, (cfg.threads,), args)
+
+
+def partial_launch(m: int, n: int, k: int, dtype, trans_a, trans_b, cfg, vec, chunk) -> LaunchSpec:
+    """Split-K's first pass: the partial products of K chunks into the (splits, M, N) workspace.
+    Per-call values: a, b, the workspace."""
+    dtype = np.dtype(dtype)
+    gx, gy = _grid(cfg, m, n)
+    splits = splitk.splits_for(k, chunk)
+    if splits > 65535:
+        raise ValueError(f"chunk={chunk} cuts K={k} into {splits} splits; at most 65535")
+    ta, tb = bool(trans_a), bool(trans_b)
+    tag = ("T" if ta else "N") + ("T" if tb else "N")
+    spec = KernelSpec(f"splitk_partial/{cfg.name}/{dtype.name}/{tag}" + ("" if vec else "/scalar"),
+                      v3_pipelined.pipelined_function(cfg, dtype.type, ta, tb, PLAIN, bool(vec), split=True),
+                      splitk.partial_signature(dtype), launch_bounds=v3_pipelined._bounds(cfg, ta, tb, bool(vec)),
+                      threads=cfg.threads)
+    args = (array("a", (m * k,), dtype), array("b", (k * n,), dtype), array("ws", (splits, m, n), dtype),
+            scalar("k", _U64, k), scalar("chunk", _U64, chunk))
+    return LaunchSpec(spec, (gx, gy, splits), (cfg.threads,), args)
+
+
+def reduce_launch(m: int, n: int, dtype, ep: Epilogue, splits: int) -> LaunchSpec:
+    """Split-K's second pass: the workspace summed in a fixed order, then the epilogue. Per-call
+    values: the workspace, bias, y, zout, then the dropout words as in :func:`matmul_launch`."""
+    dtype = np.dtype(dtype)
+    spec = KernelSpec(f"splitk_reduce/{dtype.name}/{ep.tag}", splitk.reduce_source(dtype.type, ep),
+                      splitk.reduce_signature(dtype), threads=splitk.REDUCE_THREADS)
+    args = (array("ws", (splits, m, n), dtype), array("bias", (n,) if ep.bias else (1,), dtype),
+            array("y", (m, n), dtype), array("zout", (m, n), dtype)) + _tail(dtype)
+    return LaunchSpec(spec, (splitk.reduce_grid(m, n, sms=device_sm_count()),), (splitk.REDUCE_THREADS,), args)
+
+
+class SplitKPlan:
+    """Split-K as one plan: a workspace per call (``splits x M x N``, released with the call), the
+    partial pass, then the reduction with the epilogue; called like a one-pass plan."""
+
+    __slots__ = ("dtype", "partial", "reduce", "ws_shape")
+
+    def __init__(self, partial, reduce, ws_shape, dtype):
+        self.partial, self.reduce, self.ws_shape, self.dtype = partial, reduce, ws_shape, dtype
+
+    def __call__(self, a, b, bias, y, zout, k0, k1, offset, threshold, scale):
+        ws, _keep = self.partial.launcher.workspace(self.ws_shape, self.dtype)
+        self.partial.launch(a, b, ws)
+        self.reduce.launch(ws, bias, y, zout, k0, k1, offset, threshold, scale)
+
+    launch = __call__
+
+
+_ROUTES: dict = {}  # plan key -> (cfg, chunk, vec): the route, resolved once per signature
+_SPLITS: dict = {}  # plan key -> its SplitKPlan (the two plans it launches)
+_plan.DERIVED += [_ROUTES, _SPLITS]  # emptied with the plan cache (a new launcher, a test's reset)
+
+
+def matmul_plan(m: int, n: int, k: int, dtype, trans_a=False, trans_b=False, ep: Epilogue = PLAIN, config=None,
+                device=0, stream=0, aligned=True):
+    """The cached plan of ``y = epilogue(op(a) @ op(b))`` on ``stream`` (as the active launcher takes it):
+    a :class:`gpufc.runtime.plan.Plan` or a :class:`SplitKPlan`, called with the per-call values of
+    :func:`matmul_launch`. ``aligned``: both operands 16-byte aligned (version 3's vector loads)."""
+    key = ("matmul", m, n, k, dtype, trans_a, trans_b, ep, config, aligned, device, stream)
+    split = _SPLITS.get(key)
+    if split is not None:
+        return split
+    r = _ROUTES.get(key)
+    if r is None:
+        if len(_ROUTES) > 4 * _plan.CAPACITY:
+            _ROUTES.clear()
+        r = _ROUTES[key] = route(config, m, n, k, dtype, ep, trans_a, trans_b, aligned)
+    cfg, chunk, vec = r
+    if chunk is None:
+        return _plan.get(key, matmul_launch, m, n, k, dtype, trans_a, trans_b, ep, cfg, vec)
+    splits = splitk.splits_for(k, chunk)
+    part = _plan.get(key + ("partial",), partial_launch, m, n, k, dtype, trans_a, trans_b, cfg, vec, chunk)
+    red = _plan.get(key + ("reduce",), reduce_launch, m, n, dtype, ep, splits)
+    if len(_SPLITS) > _plan.CAPACITY:
+        _SPLITS.clear()
+    split = _SPLITS[key] = SplitKPlan(part, red, (splits, m, n), dtype)
+    return split
+
+
+def bias_grad_version(config) -> int:
+    """The bias gradient's version that goes with a matmul ``config``: 1 for the version-1 family."""
+    return 1 if config == V1.name or isinstance(config, V1Config) else 2
+
+
+def aligned(a, b) -> bool:
+    """Whether both launch arguments' data are 16-byte aligned (device pointers, or simulator arrays)."""
+    pa = a if isinstance(a, int) else v3_pipelined._address(a)
+    pb = b if isinstance(b, int) else v3_pipelined._address(b)
+    return (pa | pb) % 16 == 0
+
+
+@_launch.serialised_in_sim
+def launch_matmul(a, b, bias, y, zout, *, trans_a=False, trans_b=False, ep: Epilogue = PLAIN,
+                  key=(0, 0), offset=0, threshold=0, scale=0.0, config=None, stream=0):
+    """Launch ``y = epilogue(op(a) @ op(b))`` on device arrays (any CUDA arrays, or simulator arrays;
+    C-contiguous), through its plan. Shapes as in :func:`matmul_launch`; the caller has validated
+    shapes and dtypes; M, N > 0 (K may be 0: y = epilogue(0)). ``config``: None routes by shape
+    (:func:`route`); ``V1``, a :class:`TileConfig` or a configuration name overrides.
+    """
+    ln = _launch.launcher()
+    dtype = np.dtype(y.dtype)
+    m, n = y.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    pa, pb = ln.arg(a), ln.arg(b)
+    plan = matmul_plan(m, n, k, dtype, bool(trans_a), bool(trans_b), ep, config, 0, ln.stream(stream),
+                       aligned(pa, pb))
+    plan(pa, pb, None if bias is None else ln.arg(bias), ln.arg(y), ln.arg(zout),
+         int(key[0]), int(key[1]), int(offset), int(threshold), float(scale))
 
 
 def catalogue():
     """KernelSpec entries for every configuration (see kernels.catalogue): per
     configuration and dtype, the forward (NN, plain and the full epilogue) and
     the two backward operand layouts (NT: g @ w.T, TN: x.T @ g)."""
-    from ..catalogue import KernelSpec
-
     full = Epilogue("gelu", bias=True, dropout=True, save_preact=True)
     variants = ((False, False, PLAIN, "NN"), (False, False, full, "NN"), (False, True, PLAIN, "NT"),
                 (True, False, PLAIN, "TN"))

@@ -11,8 +11,11 @@ import numba
 import numpy as np
 from numba import cuda, uint32, uint64
 
+from gpufc.runtime import launch as _launch
+from gpufc.runtime import plan as _plan
+
+from ..catalogue import KernelSpec, LaunchSpec, array
 from .configs import ceil_div
-from gpufc.runtime.launch import fast, serialised_in_sim
 
 
 def bias_grad_v1_source(dtype):
@@ -90,11 +93,31 @@ def make_bias_grad_kernel(dtype, version=2):
 BIAS_GRAD_THREADS = 128  # v1
 
 
-@serialised_in_sim
-def launch_bias_grad(g, out, *, stream=0, version=2):
-    """``out (N,) = g (M, N).sum(0)``, N > 0 (M may be 0: the sum is then 0). ``version=1`` runs the baseline."""
-    kern = make_bias_grad_kernel(np.dtype(g.dtype).type, version)
+@functools.cache
+def bias_grad_spec(dtype, version=2) -> KernelSpec:
+    dtype = np.dtype(dtype)
+    src = bias_grad_v2_source if version == 2 else bias_grad_v1_source
+    return KernelSpec(f"bias_grad/v{version}/{dtype.name}", src(dtype.type), _bias_grad_sig(dtype),
+                      threads=BIAS_COLS * BIAS_LANES if version == 2 else BIAS_GRAD_THREADS)
+
+
+def bias_grad_launch(m: int, n: int, dtype, version=2) -> LaunchSpec:
+    """The launch of ``out (N,) = g (M, N).sum(0)``, N > 0; per-call values: g, out."""
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got version={version!r}")
+    args = (array("g", (m, n), dtype), array("out", (n,), dtype))
     if version == 1:
-        fast(kern)(ceil_div(out.size, BIAS_GRAD_THREADS), BIAS_GRAD_THREADS, stream, g, out)
-    else:
-        fast(kern)(ceil_div(out.size, BIAS_COLS), BIAS_COLS * BIAS_LANES, stream, g, out)
+        return LaunchSpec(bias_grad_spec(dtype, 1), (ceil_div(n, BIAS_GRAD_THREADS),), (BIAS_GRAD_THREADS,), args)
+    return LaunchSpec(bias_grad_spec(dtype, 2), (ceil_div(n, BIAS_COLS),), (BIAS_COLS * BIAS_LANES,), args)
+
+
+def bias_grad_plan(m: int, n: int, dtype, version=2, device=0, stream=0):
+    return _plan.get(("bias_grad", m, n, dtype, version, device, stream), bias_grad_launch, m, n, dtype, version)
+
+
+def launch_bias_grad(g, out, *, stream=0, version=2):
+    """``out (N,) = g (M, N).sum(0)`` on device arrays, N > 0 (M may be 0: the sum is then 0).
+    ``version=1`` runs the baseline."""
+    ln = _launch.launcher()
+    m, n = g.shape
+    bias_grad_plan(m, n, np.dtype(g.dtype), version, 0, ln.stream(stream))(ln.arg(g), ln.arg(out))

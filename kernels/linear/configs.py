@@ -182,12 +182,32 @@ PREFERRED = {np.dtype(dt): tuple(name for name, _ in rows) for (_, dt), rows in 
 SMS = 132  # streaming multiprocessors of an H100 SXM; one wave of blocks per SM
 
 
-def config_by_name(name: str) -> TileConfig:
-    """The :data:`CONFIGS` entry called ``name`` (e.g. ``"t128x128"``)."""
+def config_names(dtype=None) -> tuple:
+    """Every configuration's name (:data:`V1`'s first); with ``dtype``, those that can run it."""
+    if dtype is None:
+        return (V1.name,) + tuple(c.name for c in CONFIGS)
+    return (V1.name,) + tuple(DTYPE_CONFIGS.get(np.dtype(dtype), ()))
+
+
+def config_by_name(name: str):
+    """The configuration called ``name`` (e.g. ``"t128x128"``, or ``"v1_t16"`` for :data:`V1`)."""
+    if name == V1.name:
+        return V1
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ValueError(f"config must be one of {sorted(_BY_NAME)}, got config={name!r}") from None
+        raise ValueError(f"config must be one of {list(config_names())}, got config={name!r}") from None
+
+
+def check_config(cfg, dtype) -> None:
+    """A ``ValueError`` naming ``cfg`` when it cannot run ``dtype`` (not in :data:`DTYPE_CONFIGS`)."""
+    dtype = np.dtype(dtype)
+    if isinstance(cfg, V1Config) or cfg.name in DTYPE_CONFIGS.get(dtype, ()):
+        return
+    why = (f"it needs {cfg.shared_bytes(dtype)} bytes of shared memory in {dtype.name}, over the {SMEM_LIMIT}-byte "
+           "static limit" if cfg.shared_bytes(dtype) > SMEM_LIMIT else f"it is not built or tested for {dtype.name}")
+    raise ValueError(f"config={cfg.name!r} cannot run {dtype.name}: {why}; for {dtype.name} use one of "
+                     f"{list(config_names(dtype))}")
 
 
 def choose_config(m: int, n: int, k: int, dtype, sms: int = SMS) -> TileConfig:
@@ -222,7 +242,7 @@ def resolve_config(config, m: int, n: int, k: int, dtype):
     if config is None:
         return choose_config(m, n, k, dtype, sms=device_sm_count())
     if isinstance(config, str):
-        return V1 if config == V1.name else config_by_name(config)
+        return config_by_name(config)
     if isinstance(config, (V1Config, TileConfig)):
         return config
     raise TypeError(f"config must be None, a configuration or its name, got config={config!r}")

@@ -7,7 +7,7 @@ For one output element ``(row, col)`` of ``y (M, N)`` with accumulator ``acc``::
     y[row, col] = keep(n) ? a * scale : 0     # if dropout; n = offset + row * N + col
     zout[row, col] = z                        # if the caller keeps the pre-activation
 
-``keep`` is the dropout mask contract of ARCHITECTURE.md (kernels.dropout.philox.element_word),
+``keep`` is the dropout mask contract (docs/architecture.md; kernels.dropout.philox.element_word),
 so the fused mask equals the standalone dropout kernel's bit for bit. A dropped
 element is a selected 0, never ``a * 0``, so NaN and inf are dropped too.
 

@@ -28,7 +28,7 @@ from .measure import (
 OPS = ("linear", "fused", "dropout", "overhead", "backward", "configs")
 SEED = 1234
 DROP_P = 0.1  # the fused and standalone dropout rate
-DROP_OFFSET = 4096  # a multiple of 4, as every layer's offset is (ARCHITECTURE.md rule 7)
+DROP_OFFSET = 4096  # a multiple of 4, as every layer's offset is (the mask contract's offset rule, docs/architecture.md)
 
 # (M, K, N) by family. MLP shapes: batch 256-16384 by 1024-4096 features.
 SQUARES = (1024, 2048, 4096, 8192)
@@ -120,60 +120,36 @@ def chosen_config(k, m: int, n: int, kk: int, dtype) -> str:
 
 
 def dropout_version(k) -> tuple[int | None, bool]:
-    """(gpufc's default dropout version, whether ``version=1`` can be forced)."""
-    try:
-        param = inspect.signature(k.dropout.launch_dropout).parameters.get("version")
-    except (TypeError, ValueError):
-        param = None
-    if param is None:
-        return None, False
-    default = param.default if param.default is not inspect.Parameter.empty else None
-    return default, default not in (None, 1)
+    """(the dropout version gpufc's host API runs, whether ``version=1`` can be forced)."""
+    version = getattr(k.dropout, "VERSION", None)
+    return version, version not in (None, 1)
 
 
 def kernel_linear(x, w, b, *, config, activation=None, dropout_p=0.0, seed=0, offset=0):
-    """``dropout(act(x @ w + b))`` with the matmul configuration forced (2-D device arrays, b not None).
+    """:func:`gpufc.linear` with the matmul configuration forced through its ``config=`` keyword."""
+    import gpufc
 
-    The public :func:`gpufc.linear` picks its configuration itself; benchmarks
-    compare versions through this kernel-level path instead.
-    """
-    from gpufc.runtime import backend as _backend
-    from gpufc import reference as _ref
-    from gpufc.runtime import transfer as _tx
-
-    k = _backend.kernels()
-    xo, wo, bo = _tx.operand(x, "x"), _tx.operand(w, "weights"), _tx.operand(b, "biases")
-    m, n = xo.shape[0], wo.shape[1]
-    stream = _tx.current_stream()
-    xv, _xk = _tx.device_view(xo)
-    wv, _wk = _tx.device_view(wo)
-    bv, _bk = _tx.device_view(bo)
-    yv, yh = _tx.empty((m, n), xo.dtype)
-    drop = dropout_p > 0
-    ep = k.linear.epilogue.Epilogue(activation, True, drop, False)
-    k.linear.launch_matmul(
-        xv, wv, bv, yv, yv, ep=ep, stream=stream, config=config,
-        key=_ref.philox_key(seed), offset=offset,
-        threshold=_ref.dropout_threshold(dropout_p), scale=_ref.dropout_scale(dropout_p, xo.dtype),
-    )
-    return _tx.to_caller(yh, xo)
+    return gpufc.linear(x, w, b, activation=activation, dropout_p=dropout_p, seed=seed, offset=offset,
+                        config=config_name(config))
 
 
 def kernel_dropout(x, p, *, seed, offset, version):
-    """:func:`gpufc.dropout` with the kernel version forced (1-D device array)."""
+    """:func:`gpufc.dropout` with the kernel version forced: the same steps, the version's launch plan."""
+    from gpufc import functional as F
     from gpufc.runtime import backend as _backend
-    from gpufc import reference as _ref
     from gpufc.runtime import transfer as _tx
 
-    k = _backend.kernels()
+    kd = _backend.kernels().dropout
     xo = _tx.operand(x, "x")
-    xv, _xk = _tx.device_view(xo)
-    yv, yh = _tx.empty(xo.shape, xo.dtype)
-    k.dropout.launch_dropout(
-        xv, yv, key=_ref.philox_key(seed), offset=offset,
-        threshold=_ref.dropout_threshold(p), scale=_ref.dropout_scale(p, xo.dtype),
-        stream=_tx.current_stream(), version=version,
-    )
+    drop = F.Dropout.make(p, seed, offset, True)
+    with _tx.stream_scope(None) as s:
+        xv, _keep = _tx.device_view(xo, (xo.size,))
+        yv, yh = _tx.empty(xo.shape, xo.dtype)
+        if version == 1:
+            plan = kd.dropout_plan(xo.size, xo.dtype, 1, False, 0, None, kd.THREADS, s.device, s.stream)
+            plan(xv, yv, *drop.words(xo.dtype))
+        else:
+            F._dropout_into(xv, yv, xo.size, xo.dtype, drop, s)
     return _tx.to_caller(yh, xo)
 
 
