@@ -73,3 +73,17 @@ def test_packed_size_is_the_byte_count_of_every_size():
         assert ref.packed_size(size) == (size + 7) // 8, size
         mask = np.arange(size) % 3 == 0
         assert np.array_equal(ref.unpack_mask(ref.pack_mask(mask), size), mask)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 9, 10])
+def test_every_column_remainder_of_the_group_store(device_backend, n):
+    # kills: an off-by-one in any of the register-tiled epilogue's column guards (`col + j < n_cols`): the
+    # last run of 4 columns ends 1, 2 or 3 columns past N, so every N % 4 (and N below one run) is tried
+    rng = np.random.default_rng(n)
+    m, k = 3, 2
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,)))
+    y = gpufc.linear(x, w, b, activation="relu", dropout_p=0.25, seed=SEED, offset=1)
+    want = ref.linear(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), activation="relu",
+                      dropout_p=0.25, seed=SEED, offset=1)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
