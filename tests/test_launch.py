@@ -21,11 +21,14 @@ from gpufc.runtime import launch
 _LAUNCHES = """
 lin, kd = kernels().linear, kernels().dropout
 Ep = lin.epilogue.Epilogue
+cfg = lin.config_by_name
 launches = [
-    lin.matmul_launch(5, 3, 7, np.float32),
-    lin.matmul_launch(5, 3, 7, np.float64, False, True, Ep(None, True, True, True)),
-    lin.matmul_launch(5, 3, 7, np.float32, True, False, config="v1_t16"),
-    lin.matmul_launch(5, 3, 7, np.float32, ep=Ep("relu", True, True, False), config="t32x32"),
+    lin.matmul_launch(5, 3, 7, np.float32, cfg=cfg("t32x32")),
+    lin.matmul_launch(5, 3, 7, np.float64, False, True, Ep(None, True, True, True), cfg=cfg("t32x32")),
+    lin.matmul_launch(5, 3, 7, np.float32, True, False, cfg=cfg("v1_t16")),
+    lin.matmul_launch(5, 3, 7, np.float32, ep=Ep("relu", True, True, False), cfg=cfg("v3_t32x32"), vec=False),
+    lin.partial_launch(5, 3, 512, np.float32, False, False, cfg("v3_t32x32"), False, 256),
+    lin.reduce_launch(5, 3, np.float32, Ep("relu", True, True, False), 2),
     lin.bias_grad_launch(6, 9, np.float32, 1),
     lin.bias_grad_launch(6, 9, np.float64, 2),
     kd.dropout_launch(1000, np.float32, 1),
@@ -111,14 +114,14 @@ _PTX_PARAMS = textwrap.dedent(
 def test_driver_buffer_matches_numba_prepare_args():
     out = run_clean_python(_PREPARE_ARGS, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK 11" in out.stdout, out.stdout
+    assert "OK 13" in out.stdout, out.stdout
 
 
 @pytest.mark.compile
 def test_driver_buffer_matches_the_ptx_parameter_list():
     out = run_clean_python(_PTX_PARAMS, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK 11" in out.stdout, out.stdout
+    assert "OK 13" in out.stdout, out.stdout
 
 
 @pytest.mark.reference

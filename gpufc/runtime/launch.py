@@ -392,6 +392,7 @@ class SimLauncher:
             else:
                 makers.append(("fixed", np.dtype(a.dtype).type(a.value), None))
         dummies: dict = {}
+        size_of = {m[1]: int(np.prod(m[1], dtype=np.int64)) for m in makers if m[0] == "array"}
         launch = kernel[grid, block, stream]
 
         def call(*values):
@@ -406,8 +407,9 @@ class SimLauncher:
                         v = dummies.get(x)
                         if v is None:
                             v = dummies[x] = cuda.device_array(x, dtype)
-                    elif v.shape != x:
-                        v = v.reshape(x)
+                    elif v.shape != x and (v.size == size_of[x] or len(v.shape) != len(x)):
+                        v = v.reshape(x)  # a flat parameter of a 2-D array, or the other way round
+                    # else: an operand the kernel does not read, passed as given (a bias of any length)
                     out.append(v)
                 elif kind == "scalar":
                     out.append(x(next(it)))
