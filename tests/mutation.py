@@ -170,6 +170,7 @@ SANITY = (("reference", "PHILOX_M0 = 0xD2511F53", "PHILOX_M0 = 0xD2511F52"),
 # Lines are stripped source lines; the report prints these keys for any new survivor.
 _LAST_BUMP = "a key bump after the last round: the key is not read after it"
 _SPARE_BLOCK = "one Philox block more than needed is drawn; the slice [start : start + size] drops its words"
+_UNUSED_WORD = "the placeholder word of an epilogue without dropout: no comparison reads it"
 _NO_WRAP = "first_block < 2**62 (offset < 2**64), so % m is the identity for any m above it"
 EQUIVALENT = {
     ("reference", "philox4x32_10", "if r + 1 < PHILOX_ROUNDS:", "if (r + 1) <= PHILOX_ROUNDS:"): _LAST_BUMP,
@@ -187,6 +188,9 @@ EQUIVALENT = {
         "blocks = np.arange(last_block - first_block + 1, dtype=np.uint64) + np.uint64(first_block % 2**64)",
         f"blocks = np.arange(last_block - first_block + 1, dtype=np.uint64) + np.uint64(first_block % {m})"):
        _NO_WRAP for m in ("2**63", "2**65", "3**64")},
+    ("epilogue", "make_epilogue", "word = uint32(0)", "word = uint32(1)"): _UNUSED_WORD,
+    ("epilogue", "make_group_store", "w0 = w1 = w2 = w3 = uint32(0)", "w0 = w1 = w2 = w3 = uint32(1)"):
+        _UNUSED_WORD,
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
@@ -461,10 +465,20 @@ def _text_mutations(src: _Source, node):
                 yield "text", a, b, raw[: m.start()] + str(w) + raw[m.end():], node.lineno
 
 
+_FROM_HEAD = []  # [True] with --head
+
+
+def read_source(rel: str) -> str:
+    """A target file as the copies hold it: the working tree's, or the last commit's (``--head``)."""
+    if _FROM_HEAD:
+        return subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+    return (ROOT / rel).read_text()
+
+
 def generate(target: Target) -> list[Mutant]:
     """Every mutant of ``target``, in a stable order; only those that still parse."""
-    path = ROOT / target.path
-    text = path.read_text()
+    text = read_source(target.path)
     src = _Source(text)
     tree = ast.parse(text)
     out, seen = [], set()
@@ -570,10 +584,15 @@ def _uses_simulator() -> bool:
 class Worker:
     """A private copy of the tree, its caches, its test environment and its fork server."""
 
-    def __init__(self, base: Path, index: int, files: list[str], sim: bool):
+    def __init__(self, base: Path, index: int, files: list[str] | None, sim: bool):
         self.copy = base / f"tree{index}"
         self.log = base / f"run{index}.log"
-        for rel in files:
+        if files is None:  # the last commit, not the working tree
+            self.copy.mkdir(parents=True)
+            archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(self.copy)], input=archive, check=True)
+        for rel in files or ():
             dst = self.copy / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dst)
@@ -648,9 +667,9 @@ class Worker:
 
 
 class Pool:
-    def __init__(self, n: int):
+    def __init__(self, n: int, head: bool = False):
         self.base = Path(tempfile.mkdtemp(prefix="gpufc-mutation-"))
-        files = _tree_files()
+        files = None if head else _tree_files()
         sim = _uses_simulator()
         self.workers = [Worker(self.base, i, files, sim) for i in range(n)]
         self.free = list(self.workers)
@@ -692,6 +711,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, help="seconds per mutant (default: 2x the unmutated run + 60 s)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the unmutated run of each selection (then --timeout is needed)")
+    ap.add_argument("--head", action="store_true",
+                    help="mutate the last commit instead of the working tree (others' unfinished edits stay out)")
     ap.add_argument("--list", action="store_true", help="print the mutants and stop")
     ap.add_argument("--only", nargs="*", help="only the mutants whose id (target:line:op:hash) contains one of these")
     ap.add_argument("--ops", nargs="*", choices=sorted(OPERATORS), help="only these operators")
@@ -700,6 +721,8 @@ def main(argv=None) -> int:
         print("mutation: already inside a mutation run; refusing to nest", file=sys.stderr)
         return 2
 
+    if args.head:
+        _FROM_HEAD.append(True)
     targets = [t for t in TARGETS if not args.files or t.name in args.files or t.path in args.files]
     if args.files and len(targets) != len(set(args.files)):
         raise SystemExit(f"mutation: unknown target in {args.files}; targets: {[t.name for t in TARGETS]}")
@@ -719,7 +742,7 @@ def main(argv=None) -> int:
 
     start = time.monotonic()
     by_name = {t.name: t for t in TARGETS}
-    with Pool(max(1, args.workers)) as pool:
+    with Pool(max(1, args.workers), args.head) as pool:
         for w in pool.workers:
             w.check_imports()
         print(f"mutation: {len(pool.workers)} workers, copies under {pool.base}; gpufc and gpufc.kernels "
@@ -728,7 +751,7 @@ def main(argv=None) -> int:
         sanity = []
         for name, old, new in SANITY:
             t = by_name[name]
-            text = (ROOT / t.path).read_text()
+            text = read_source(t.path)
             if old not in text:
                 raise SystemExit(f"mutation: planted mutant's line {old!r} not in {t.path}; update SANITY")
             sanity.append((t, text.replace(old, new, 1)))
