@@ -57,7 +57,7 @@ print(json.dumps({"rows": rows, "jobs": len(jobs), "disassembled": disassemble,
 
 @pytest.fixture(scope="module")
 def compiled():
-    # ~160 kernels for two targets; the K-step-16 tiles take ~30 s each (NVVM on 1,024 unrolled
+    # 265 compiles (142 kernels, most for two targets); a K-step-16 tile takes ~30 s (NVVM on 1,024 unrolled
     # FFMA): 900 s ran out on a shared 2-core machine
     out = run_clean_python(_SCRIPT, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
