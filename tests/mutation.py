@@ -170,6 +170,8 @@ SANITY = (("reference", "PHILOX_M0 = 0xD2511F53", "PHILOX_M0 = 0xD2511F52"),
 # Lines are stripped source lines; the report prints these keys for any new survivor.
 _LAST_BUMP = "a key bump after the last round: the key is not read after it"
 _SPARE_BLOCK = "one Philox block more than needed is drawn; the slice [start : start + size] drops its words"
+_PAIRS = ("2 groups per trip or 1 is a register/throughput choice: every group is still processed once "
+          "by the same code")
 _UNUSED_WORD = "the placeholder word of an epilogue without dropout: no comparison reads it"
 _NO_WRAP = "first_block < 2**62 (offset < 2**64), so % m is the identity for any m above it"
 EQUIVALENT = {
@@ -189,6 +191,16 @@ EQUIVALENT = {
         f"blocks = np.arange(last_block - first_block + 1, dtype=np.uint64) + np.uint64(first_block % {m})"):
        _NO_WRAP for m in ("2**63", "2**65", "3**64")},
     ("epilogue", "make_epilogue", "word = uint32(0)", "word = uint32(1)"): _UNUSED_WORD,
+    ("dropout_v2", "act_dropout_backward_v2_source", "no_word = uint32(0)", "no_word = uint32(1)"): _UNUSED_WORD,
+    **{("dropout_v2", "act_dropout_backward_v2_source", "pairs = unroll_for(activation) == 2", after): _PAIRS
+       for after in ("pairs = unroll_for(activation) != 2", "pairs = unroll_for(activation) == 1",
+                     "pairs = unroll_for(activation) == 3")},
+    ("dropout_v2", "act_dropout_backward_v2_source", "dropout = bool(dropout)", "pass"):
+        "every caller passes a bool already (the factories are cached on it)",
+    ("dropout_v2", "act_dropout_backward_v2_source",
+     "break  # after the pair loop only the odd group out is left: one trip, fewer registers",
+     "pass  # after the pair loop only the odd group out is left: one trip, fewer registers"):
+        "after the pair loop j + stride >= j_end, so the single-group loop makes one trip with or without it",
     ("epilogue", "make_group_store", "w0 = w1 = w2 = w3 = uint32(0)", "w0 = w1 = w2 = w3 = uint32(1)"):
         _UNUSED_WORD,
 }
@@ -714,6 +726,9 @@ def main(argv=None) -> int:
     ap.add_argument("--head", action="store_true",
                     help="mutate the last commit instead of the working tree (others' unfinished edits stay out)")
     ap.add_argument("--list", action="store_true", help="print the mutants and stop")
+    ap.add_argument("--report-from", nargs="*", metavar="LOG",
+                    help="print the report of the mutants that these runs' logs record (an interrupted run too), "
+                         "with today's EQUIVALENT table")
     ap.add_argument("--only", nargs="*", help="only the mutants whose id (target:line:op:hash) contains one of these")
     ap.add_argument("--ops", nargs="*", choices=sorted(OPERATORS), help="only these operators")
     args = ap.parse_args(argv)
@@ -732,6 +747,8 @@ def main(argv=None) -> int:
     if args.sample is not None and args.sample < len(mutants):
         mutants = sorted(random.Random(args.seed).sample(mutants, args.sample),
                          key=lambda m: (targets.index(m.target), m.line))
+    if args.report_from:
+        return report_from_logs(args.report_from, mutants, targets)
     if args.list:
         for m in mutants:
             print(f"{m.ident}  {m.func}: {m.before}  ->  {m.after}")
@@ -792,6 +809,28 @@ def main(argv=None) -> int:
         print(f"mutation: {len(mutants)} mutants", flush=True)
         results = list(_pmap(pool, mutants, one))
     return report(results, targets, time.monotonic() - start)
+
+
+_LOG_LINE = re.compile(r"^\[\d+/\d+\] (\w+)\s+\d+ s  (\S+)  ")
+
+
+def report_from_logs(logs, mutants, targets) -> int:
+    """The report of the mutants recorded in ``logs`` (later logs win), matched to today's mutants by id."""
+    by_hash = {m.ident.rsplit(":", 1)[1]: m for m in mutants}
+    seen = {}
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            hit = _LOG_LINE.match(line)
+            if hit and hit.group(2).rsplit(":", 1)[1] in by_hash:
+                seen[hit.group(2).rsplit(":", 1)[1]] = hit.group(1)
+    results = []
+    for h, outcome in seen.items():
+        m = by_hash[h]
+        if outcome in ("survived", "equivalent"):
+            outcome = "equivalent" if equivalence(m) else "survived"
+        results.append((m, outcome, ""))
+    print(f"mutation: {len(results)} of {len(mutants)} mutants recorded in {', '.join(map(str, logs))}")
+    return report(results, targets, float("nan"))
 
 
 def report(results, targets, seconds) -> int:
