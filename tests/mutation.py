@@ -170,6 +170,8 @@ SANITY = (("reference", "PHILOX_M0 = 0xD2511F53", "PHILOX_M0 = 0xD2511F52"),
 # Lines are stripped source lines; the report prints these keys for any new survivor.
 _LAST_BUMP = "a key bump after the last round: the key is not read after it"
 _SPARE_BLOCK = "one Philox block more than needed is drawn; the slice [start : start + size] drops its words"
+_RUNS = ("how many runs a thread's tm rows (tn columns) are cut into is a layout choice (shared-memory loads "
+         "and bank conflicts): 1 or 2 runs both cover every row once")
 _PAIRS = ("2 groups per trip or 1 is a register/throughput choice: every group is still processed once "
           "by the same code")
 _UNUSED_WORD = "the placeholder word of an epilogue without dropout: no comparison reads it"
@@ -195,6 +197,12 @@ EQUIVALENT = {
     **{("dropout_v2", "act_dropout_backward_v2_source", "pairs = unroll_for(activation) == 2", after): _PAIRS
        for after in ("pairs = unroll_for(activation) != 2", "pairs = unroll_for(activation) == 1",
                      "pairs = unroll_for(activation) == 3")},
+    ("matmul_configs", "TileConfig.gm", "return max(1, self.tm // GROUP)", "return max(1, (self.tm % GROUP))"):
+        _RUNS,
+    ("matmul_configs", "TileConfig.gn", "return max(1, self.tn // GROUP)", "return max(1, (self.tn % GROUP))"):
+        _RUNS,
+    ("matmul_v1", "_v1_source", "for k0_tile in range(0, k, T):", "for k0_tile in range(0, k + 1, T):"):
+        "one more K tile only when T divides K, and it is all guarded zeros: it adds 0 to every sum",
     ("dropout_v2", "act_dropout_backward_v2_source", "dropout = bool(dropout)", "pass"):
         "every caller passes a bool already (the factories are cached on it)",
     ("dropout_v2", "act_dropout_backward_v2_source",
