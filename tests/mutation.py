@@ -201,6 +201,8 @@ EQUIVALENT = {
         _RUNS,
     ("matmul_configs", "TileConfig.gn", "return max(1, self.tn // GROUP)", "return max(1, (self.tn % GROUP))"):
         _RUNS,
+    ("matmul_configs", "TileConfig.gn", "return max(1, self.tn // GROUP)", "return max(2, self.tn // GROUP)"):
+        _RUNS,
     ("matmul_v1", "_v1_source", "for k0_tile in range(0, k, T):", "for k0_tile in range(0, k + 1, T):"):
         "one more K tile only when T divides K, and it is all guarded zeros: it adds 0 to every sum",
     ("dropout_v2", "act_dropout_backward_v2_source", "dropout = bool(dropout)", "pass"):
@@ -385,8 +387,8 @@ def _mutations(src: _Source, func_node, regex, python_drops=True):
     # messages and assertions are not the contract: nothing under a raise or an assert is mutated
     quiet = {id(c) for n in ast.walk(func_node) if isinstance(n, (ast.Raise, ast.Assert)) for c in ast.walk(n)}
     # nor default arguments (stream=0, version=2), nor the dimension argument of cuda.grid(1)
-    quiet |= {id(d) for n in ast.walk(func_node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for d in n.args.defaults + [d for d in n.args.kw_defaults if d is not None]}
+    quiet |= {id(c) for n in ast.walk(func_node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for d in n.args.defaults + [d for d in n.args.kw_defaults if d is not None] for c in ast.walk(d)}
     quiet |= {id(a) for n in ast.walk(func_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and n.func.attr in ("grid", "gridsize") for a in n.args}
     nodes = [n for n in ast.walk(func_node) if id(n) not in quiet]
