@@ -693,7 +693,7 @@ def catalogue():
     f32 = np.float32
     sm90 = ((9, 0),)
     for cfg in CONFIGS:
-        yield KernelSpec(f"matmul/{cfg.name}/float32/NN/id/scalar", pipelined_function(cfg, f32, False, False),
+        yield KernelSpec(f"matmul_scalar/{cfg.name}/float32/NN/id", pipelined_function(cfg, f32, False, False),
                          signature(f32), main_loop=True, launch_bounds=_bounds(cfg, False, False, False),
                          threads=cfg.threads, archs=sm90)
     for cfg in CONFIGS:
