@@ -76,6 +76,7 @@ class Target:
 
 _DROPOUT_TESTS = (
     "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_standalone_kernels",
+    "tests/test_mutation_kills.py::test_dropout_v2_in_place_visits_each_group_once",
     "tests/test_kernels_dropout.py::test_v2_forward_is_bit_exact",
     "tests/test_kernels_dropout.py::test_dropout_mask_kernel_is_bit_exact",
     "tests/test_kernels_dropout.py::test_fused_backward_matches_reference",
@@ -88,6 +89,7 @@ _DROPOUT_TESTS = (
 
 _V1_TESTS = (
     "tests/test_kernels_v1.py::test_linear_v1_matches_reference",
+    "tests/test_mutation_kills.py::test_v1_zero_fills_the_ragged_k_tile",
     "tests/test_kernels_v1.py",
     "tests/test_kernels_matmul.py::test_v1_still_selectable",
 )

@@ -87,3 +87,48 @@ def test_every_column_remainder_of_the_group_store(device_backend, n):
     want = ref.linear(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), activation="relu",
                       dropout_p=0.25, seed=SEED, offset=1)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("operand", ["x", "weights"])
+def test_v1_zero_fills_the_ragged_k_tile(device_backend, operand):
+    # kills: a dropped `a_tile[ty, tx] = zero` / `b_tile[ty, tx] = zero` in the version-1 kernel. The last
+    # K tile (K = 19 = 16 + 3) then keeps the first tile's values past K, multiplied by the other
+    # operand's zeros: invisible for finite values, but inf * 0 is NaN where the right answer is +inf.
+    rng = np.random.default_rng(19)
+    m, k, n = 5, 19, 7
+    x = rng.uniform(0.5, 1.5, (m, k)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, (k, n)).astype(np.float32)
+    if operand == "x":
+        x[2, 5] = np.inf  # k = 5 < 16: tile 0, at a position that is padding in the last tile
+    else:
+        w[5, 3] = np.inf
+    y = gpufc.linear(x, w, config="v1_t16")
+    want = x.astype(np.float64) @ w.astype(np.float64)  # +inf where the inf meets positive values, else finite
+    assert np.isposinf(want).sum() == (n if operand == "x" else m)
+    np.testing.assert_array_equal(np.isposinf(y), np.isposinf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(y[finite], want[finite], rtol=1e-5)
+    assert not np.isnan(y).any()
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+@pytest.mark.parametrize("vector", [True, False])
+def test_dropout_v2_in_place_visits_each_group_once(device_backend, offset, vector):
+    # kills: `j += 2 * stride` -> `j += 1 * stride` in version 2's pair loop, and `j_lo = 1 if head > 0`
+    # -> `if head > 1` (offset % 4 == 1: the cut first group also taken by the main loop). With y apart
+    # from x such a group is written twice with the same value; y may alias x (the launcher's contract),
+    # and in place a second visit scales the kept values again.
+    from numba import cuda
+
+    from gpufc.kernels import dropout as kd
+
+    if vector and offset % 4:
+        pytest.skip("16-byte accesses need offset % 4 == 0")
+    x = np.linspace(-3, 3, 4 * 8 * 6 + 3).astype(np.float32)  # several trips of 8 threads, a ragged tail
+    xd = cuda.to_device(x)
+    p = 0.25
+    kd.launch_dropout(xd, xd, key=(SEED & 0xFFFFFFFF, SEED >> 32), offset=offset, threshold=ref.dropout_threshold(p),
+                      scale=ref.dropout_scale(p, np.float32), version=2, vector=vector, blocks=1, threads=8)
+    np.testing.assert_array_equal(xd.copy_to_host(), ref.dropout(x, p, seed=SEED, offset=offset))

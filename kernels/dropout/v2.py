@@ -20,11 +20,20 @@ _SIM = bool(config.ENABLE_CUDASIM)
 
 if _SIM:
 
+    def _check_aligned(a, i):
+        # The hardware faults on a misaligned 16-byte access; the launcher only picks this path for
+        # 16-byte-aligned arrays, so an element index off a multiple of the width is a kernel bug.
+        width = VECTOR_BYTES // a.dtype.itemsize
+        if i % width:
+            raise AssertionError(f"misaligned {VECTOR_BYTES}-byte access at element {i} (width {width})")
+
     def load_vec(a, i):
-        """Simulator twin: the ``16 // itemsize`` elements from ``a[i]``."""
+        """Simulator twin: the ``16 // itemsize`` elements from ``a[i]``; ``i`` must be 16-byte aligned."""
+        _check_aligned(a, i)
         return tuple(a[i + k] for k in range(VECTOR_BYTES // a.dtype.itemsize))
 
     def store_vec(a, i, values):
+        _check_aligned(a, i)
         for k, v in enumerate(values):
             a[i + k] = v
 
