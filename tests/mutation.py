@@ -215,6 +215,9 @@ EQUIVALENT = {
         "after the pair loop j + stride >= j_end, so the single-group loop makes one trip with or without it",
     ("epilogue", "make_group_store", "w0 = w1 = w2 = w3 = uint32(0)", "w0 = w1 = w2 = w3 = uint32(1)"):
         _UNUSED_WORD,
+    ("matmul_v2", "_loader", 'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))',
+     'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v >= 1 else ""))'):
+        "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
