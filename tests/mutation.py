@@ -103,6 +103,32 @@ _V2_TESTS = (
     "tests/test_kernels_matmul.py::test_fused_mask_every_config",
 )
 
+_V3 = "tests/test_kernels_linear_v3.py"
+_V3_TESTS = (
+    f"{_V3}::test_v3_tiny_and_empty_k",
+    f"{_V3}::test_v3_layouts",
+    f"{_V3}::test_v3_same_bits_whatever_the_tile",
+    f"{_V3}::test_splitk_matches_reference_and_applies_the_epilogue_once",
+    f"{_V3}::test_splitk_bits_do_not_depend_on_the_launch_geometry",
+    f"{_V3}::test_v3_large_tile_full_epilogue_vector_loads",
+    _V3,
+    # the scalar loader of every version-3 tile on odd shapes, the large (warp-ordered) tile's NT and TN
+    *(f"tests/test_kernels_matmul.py::{test}[{cfg}-float32]"
+      for cfg in ("v3_t32x32", "v3_t64x64", "v3_t128x128k16w")
+      for test in ("test_grad_x_layout_nt", "test_grad_w_layout_tn", "test_forward_full_epilogue",
+                   "test_fused_mask_every_config", "test_forward_plain")),
+)
+_SPLITK_TESTS = (
+    f"{_V3}::test_choose_chunk_rule",
+    f"{_V3}::test_default_table",
+    f"{_V3}::test_splitk_matches_reference_and_applies_the_epilogue_once",
+    f"{_V3}::test_splitk_bits_do_not_depend_on_the_launch_geometry",
+    _V3,
+)
+_TC = "tests/test_tensorcore.py"
+_TC_TESTS = (f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_forward_full_epilogue",
+             f"{_TC}::test_backward_layouts_against_the_model", f"{_TC}::test_fused_dropout_mask_is_bit_exact", _TC)
+
 TARGETS = (
     Target(
         "reference", "gpufc/reference.py",
@@ -153,6 +179,27 @@ TARGETS = (
          "_emit_operand_setup", "_emit_loop_loads", "_emit_stores", "tiled_source"),
         _V2_TESTS,
         lines=r"^(?!.*(shared\.array|s\.depth))",  # not the indentation of the text, nor the buffers' sizes
+        python_drops=False,
+    ),
+    Target(
+        "matmul_v3", "kernels/linear/v3_pipelined.py",
+        ("_Loader.__init__", "_Loader.run_coords", "_Loader.setup", "_Loader._k_and_mn", "_Loader.prologue",
+         "_Loader.loop_loads", "_Loader.thread_part", "_Loader.addr_stores", "_Loader.stores", "_thread_offsets",
+         "pipelined_source"),
+        _V3_TESTS,
+        lines=r"^(?!.*(shared\.array|s\.depth|align = ))",  # not the buffers' sizes, nor the indentation
+        python_drops=False,
+    ),
+    Target("matmul_v3_launch", "kernels/linear/v3_pipelined.py", ("vector_ok", "launch"), _V3_TESTS),
+    Target("splitk", "kernels/linear/splitk.py", ("=CHUNK_QUANTUM", "splits_for", "choose_chunk", "reduce_source"),
+           _SPLITK_TESTS),
+    Target(
+        "tensorcore", "kernels/linear/tensorcore.py",
+        ("_layout", "MmaConfig.grid", "words2", "make_element_store16", "make_pair_store", "_emit_load",
+         "_emit_pipeline", "_emit_fragments", "_lane_offset", "mma_source", "launch_mma",
+         "act_dropout_backward16_source", "bias_grad16_source"),
+        _TC_TESTS,
+        lines=r"^(?!.*(shared\.array|s\.depth))",
         python_drops=False,
     ),
     Target(
@@ -394,6 +441,8 @@ def _mutations(src: _Source, func_node, regex, python_drops=True):
     # nor default arguments (stream=0, version=2), nor the dimension argument of cuda.grid(1)
     quiet |= {id(c) for n in ast.walk(func_node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
               for d in n.args.defaults + [d for d in n.args.kw_defaults if d is not None] for c in ast.walk(d)}
+    # nor annotations (types for readers and checkers: they do not change what the code computes)
+    quiet |= {id(c) for n in ast.walk(func_node) for ann in _annotations(n) for c in ast.walk(ann)}
     quiet |= {id(a) for n in ast.walk(func_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and n.func.attr in ("grid", "gridsize") for a in n.args}
     nodes = [n for n in ast.walk(func_node) if id(n) not in quiet]
@@ -443,6 +492,18 @@ def _mutations(src: _Source, func_node, regex, python_drops=True):
                 isinstance(n, ast.Expr) and isinstance(n.value, ast.Call) and not _is_barrier(n.value)):
             a, b = src.span(n)
             yield "drop", a, b, "pass", n.lineno
+
+
+def _annotations(node):
+    """The annotation expressions of a function's signature or of an annotated assignment."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        a = node.args
+        args = a.posonlyargs + a.args + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x]
+        yield from (x.annotation for x in args if x.annotation is not None)
+        if node.returns is not None:
+            yield node.returns
+    elif isinstance(node, ast.AnnAssign):
+        yield node.annotation
 
 
 def _is_text(node) -> bool:

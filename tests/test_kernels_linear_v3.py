@@ -248,3 +248,112 @@ def test_launch_matmul_routes_to_split_k(device_backend, rng, monkeypatch):
     want, _ = _run(x, w, b, 5, 6, cfg=lin.choose_config(5, 6, 40, np.float32), ep=ep.Epilogue("relu", bias=True),
                    chunk=16)
     assert np.array_equal(np.asarray(y).view(np.uint32), want.view(np.uint32))
+
+
+# ----------------------------------------------------------------------------
+# The split-K rule, the vector-load test and the launch limits, at their boundaries
+# ----------------------------------------------------------------------------
+
+
+def test_choose_chunk_boundaries(device_backend):
+    # The documented rule, case by case (Q = CHUNK_QUANTUM = 256, 132 SMs): split only when
+    # tiles * 2 <= sms and K >= 2 Q; aim at want = max(2, min(sms // tiles, K // Q)) splits;
+    # chunk = ceil(ceil(K / want) / Q) * Q.
+    _, sk, _ = _mods()
+    q = sk.CHUNK_QUANTUM
+    assert q == 256
+    assert sk.choose_chunk(8, 8, 4096, tiles=66, sms=132) is not None  # 66 * 2 == 132: half idle is enough
+    assert sk.choose_chunk(8, 8, 4096, tiles=67, sms=132) is None
+    assert sk.choose_chunk(8, 8, 2 * q, tiles=1, sms=132) == q  # K = 2 Q: two chunks of Q
+    assert sk.choose_chunk(8, 8, 2 * q - 1, tiles=1, sms=132) is None
+    # want = min(132 // 4, 4096 // 256) = min(33, 16) = 16 -> ceil(4096 / 16) = 256
+    assert sk.choose_chunk(8, 8, 4096, tiles=4, sms=132) == 256
+    # want = min(132 // 1, 51200 // 256) = min(132, 200) = 132 -> ceil(51200 / 132) = 388 -> 512
+    assert sk.choose_chunk(8, 8, 51200, tiles=1, sms=132) == 512
+    # want = max(2, min(132 // 66, 16)) = 2 -> 2048
+    assert sk.choose_chunk(8, 8, 4096, tiles=66, sms=132) == 2048
+    # want = min(132 // 20, 1000 // 256) = min(6, 3) = 3 -> ceil(1000 / 3) = 334 -> 512
+    assert sk.choose_chunk(8, 8, 1000, tiles=20, sms=132) == 512
+
+
+def test_splits_for(device_backend):
+    _, sk, _ = _mods()
+    assert sk.splits_for(0, 256) == 1  # K = 0: one (empty) chunk, the epilogue of zero
+    assert sk.splits_for(10, 16) == 1
+    assert sk.splits_for(32, 16) == 2
+    assert sk.splits_for(33, 16) == 3
+    assert sk.splits_for(5, 1) == 5
+    for bad in (0, -16):
+        with pytest.raises(ValueError, match="chunk must be a positive"):
+            sk.splits_for(10, bad)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3, 5, 6, 7, 9, 10, 12, 15, 20])
+def test_vector_ok_needs_multiples_of_4_and_16_byte_alignment(device_backend, dim):
+    # host NumPy arrays stand in for device arrays: vector_ok reads their addresses only
+    v3, _, _ = _mods()
+    buf = np.zeros(64, np.float32)
+    base = buf[(-buf.ctypes.data % 16) // 4:]  # 16-byte aligned
+    a, b, off = base[:32], base[:32], base[1:33]
+    four = dim % 4 == 0
+    # the stored contiguous dimension: K of a (NN), M of a (TN); N of b (NN), K of b (NT)
+    assert v3.vector_ok(a, b, 8, 8, dim, False, False) is four
+    assert v3.vector_ok(a, b, dim, 8, 8, True, False) is four
+    assert v3.vector_ok(a, b, 8, dim, 8, False, False) is four
+    assert v3.vector_ok(a, b, 8, 8, dim, False, True) is four
+    assert v3.vector_ok(a, b, 8, 8, 8, False, False)
+    assert not v3.vector_ok(off, b, 8, 8, 8, False, False)
+    assert not v3.vector_ok(a, off, 8, 8, 8, False, False)
+
+
+class _Shape:
+    """Stands in for a device array in the launch checks: a shape, a size, a dtype, an address."""
+
+    def __init__(self, *shape):
+        self.shape, self.dtype = shape, np.dtype(np.float32)
+        self.size = int(np.prod(shape, dtype=object))
+        self.__cuda_array_interface__ = {"data": (0, False)}
+
+    def reshape(self, *shape):
+        return self
+
+
+class _Launched(Exception):
+    """Raised in place of compiling: the launch checks let the call through."""
+
+
+def test_launch_limits_at_their_boundaries(device_backend, monkeypatch):
+    v3, sk, ep = _mods()
+
+    def launched(*args, **kwargs):
+        raise _Launched
+
+    monkeypatch.setattr(v3, "make_kernel", launched)
+    monkeypatch.setattr(v3, "make_partial_kernel", launched)
+    cfg = _cfg("v3_t32x32")
+    bias = _Shape(8)
+
+    def go(a, b, y, **kw):
+        v3.launch(a, b, bias, y, y, cfg=cfg, ep=ep.PLAIN, **kw)
+
+    # operands of 2**32 - 1 elements go through, of 2**32 do not (32-bit indices)
+    big = v3.U32_LIMIT
+    with pytest.raises(_Launched):
+        go(_Shape(1, big - 1), _Shape(big - 1, 1), _Shape(1, 1))
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*32 elements, got 4294967296"):
+        go(_Shape(1, big), _Shape(big, 1), _Shape(1, 1))
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*32 elements"):
+        go(_Shape(1, 8), _Shape(8, big // 8), _Shape(1, big // 8))
+    # 65535 column tiles go through, one column more does not
+    n = 65535 * cfg.bn
+    with pytest.raises(_Launched):
+        go(_Shape(1, 8), _Shape(8, n), _Shape(1, n))
+    with pytest.raises(ValueError, match=r"at most 65535 column tiles"):
+        go(_Shape(1, 8), _Shape(8, n + 1), _Shape(1, n + 1))
+    # 65535 K chunks go through, 65536 do not
+    for splits, ok in ((65535, True), (65536, False)):
+        k = splits * sk.CHUNK_QUANTUM
+        a, b, y = _Shape(1, k), _Shape(k, 1), _Shape(1, 1)
+        ws = _Shape(splits, 1, 1)
+        with pytest.raises(_Launched) if ok else pytest.raises(ValueError, match="into 65536 splits; at most 65535"):
+            go(a, b, y, chunk=sk.CHUNK_QUANTUM, ws=ws)
