@@ -10,7 +10,8 @@ element must be KEPT. With ``p = (w + 1) / 2**32`` the threshold is ``w + 1``
 and it must be DROPPED. Every implementation is checked at that element and,
 bit for bit, everywhere else: the reference, the standalone dropout kernels
 (v1, v2 vector and scalar paths, offsets that are not multiples of 4), the
-fused linear epilogue (v1 element store, v2 group store), the packed mask,
+fused linear epilogue (v1 element store, v2 group store, the tensor-core
+kernels' pair store in TF32, float16 and bfloat16), the packed mask,
 dropout backward and linear backward, on the cpu and the device backends.
 """
 
@@ -255,3 +256,25 @@ def test_threshold_word_is_kept_by_linear_backward(device_backend, monkeypatch, 
     check(gw, e, kept, want, f"linear_backward v{version} grad_w")
     assert np.array_equal(gb, want.sum(axis=0)), "grad_b is the column sums of g"
 
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("kind", ["tf32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("offset,e", [(0, 9), (3, 30), (4 * 2**32 + 1, 13), (2, 34)])
+def test_threshold_word_is_kept_by_the_tensor_core_epilogue(device_backend, offset, e, case, kind):
+    # The tensor-core kernels' own epilogue (pairs of columns; 16-bit data rounded once at the
+    # store): x = 0, b = 1, so y is the scale in the output format where kept, 0 where dropped.
+    if kind == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 host arrays need ml_dtypes")
+        dtype, precision = np.dtype(ml_dtypes.bfloat16), None
+    else:
+        dtype, precision = np.dtype(np.float32 if kind == "tf32" else np.float16), ("tf32" if kind == "tf32" else None)
+    p = boundary_p(SEED, offset + e, case)
+    kept = case == "equal"
+    x, w, b = (np.zeros((M, K), dtype), np.ones((K, NCOLS), dtype), np.ones(NCOLS, dtype))
+    mask = ref.dropout_keep_mask((M, NCOLS), p, SEED, offset)
+    scale = ref.round_to(ref.dropout_scale(p, np.float32), dtype)
+    want = np.where(mask, scale, np.zeros((), dtype)).astype(dtype)
+    y = gpufc.linear(x, w, b, dropout_p=p, seed=SEED, offset=offset, precision=precision)
+    check(np.asarray(y), e, kept, want, f"linear {kind}")
