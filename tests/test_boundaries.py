@@ -12,7 +12,8 @@ bit for bit, everywhere else: the reference, the standalone dropout kernels
 (v1, v2 vector and scalar paths, offsets that are not multiples of 4), the
 fused linear epilogue (v1 element store, v2 group store, the tensor-core
 kernels' pair store in TF32, float16 and bfloat16), the packed mask,
-dropout backward and linear backward, on the cpu and the device backends.
+dropout backward and linear backward (float32, and the 16-bit kernels' own), on the cpu
+and the device backends.
 """
 
 import inspect
@@ -278,3 +279,26 @@ def test_threshold_word_is_kept_by_the_tensor_core_epilogue(device_backend, offs
     want = np.where(mask, scale, np.zeros((), dtype)).astype(dtype)
     y = gpufc.linear(x, w, b, dropout_p=p, seed=SEED, offset=offset, precision=precision)
     check(np.asarray(y), e, kept, want, f"linear {kind}")
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("kind", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("offset,e", [(0, 9), (3, 20), (4 * 2**32 + 2, 13)])
+def test_threshold_word_is_kept_by_the_tensor_core_backward(device_backend, offset, e, case, kind):
+    # 16-bit linear_backward runs its own dropout' kernel (float32 math, stored rounded once);
+    # x = I makes grad_w = x.T @ g = g exactly, w = 0 and b = 1 make relu'(z) = 1.
+    if kind == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes", reason="bfloat16 host arrays need ml_dtypes")
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(np.float16)
+    m, n = 6, NCOLS
+    p = boundary_p(SEED, offset + e, case)
+    kept = case == "equal"
+    x, w, b = np.eye(m, dtype=dtype), np.zeros((m, n), dtype), np.ones(n, dtype)
+    go = np.full((m, n), 2.0, np.float32)
+    want = ref.round_to(ref.dropout(go, p, seed=SEED, offset=offset), dtype)
+    _, gw, _ = gpufc.linear_backward(x, w, go.astype(dtype), biases=b, activation="relu", dropout_p=p, seed=SEED,
+                                     offset=offset)
+    check(np.asarray(gw), e, kept, want, f"linear_backward {kind} grad_w")
