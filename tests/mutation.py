@@ -409,18 +409,38 @@ def _assigned_before(func: ast.AST) -> set[int]:
     return out
 
 
-def _is_code_string_call(node) -> bool:
-    """``s("...")`` / ``src(f"...")``: a generator emitting one line of code (not a comment)."""
+def _emitted_first(node):
+    """For ``s(...)`` / ``src(...)`` with one argument: (the argument, its leading literal text or None);
+    None for any other node."""
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("s", "src")
             and len(node.args) == 1):
-        return False
+        return None
     arg = node.args[0]
     first = arg.value if isinstance(arg, ast.Constant) else None
     if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
         first = arg.values[0].value
-    if isinstance(arg, ast.BinOp):  # "..." + (...) concatenations
+    return arg, first if isinstance(first, str) else None
+
+
+def _is_comment_call(node) -> bool:
+    """``s(f"# ...")``: a generator emitting a comment."""
+    emitted = _emitted_first(node)
+    return emitted is not None and emitted[1] is not None and emitted[1].lstrip().startswith("#")
+
+
+def _is_code_string_call(node) -> bool:
+    """``s("...")`` / ``src(f"...")``: a generator emitting one line of code (not a comment)."""
+    emitted = _emitted_first(node)
+    if emitted is None or isinstance(emitted[0], ast.BinOp):  # "..." + (...) concatenations
         return False
-    return not (isinstance(first, str) and first.lstrip().startswith("#"))
+    return not _is_comment_call(node)
+
+
+def _is_async_wait_factory(node) -> bool:
+    """``make_cp_async_wait(n)``: the wait's count of groups left in flight."""
+    f = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(f, ast.Attribute) and f.attr == "make_cp_async_wait") or (
+        isinstance(f, ast.Name) and f.id == "make_cp_async_wait")
 
 
 def _string_parts(call: ast.Call):
@@ -447,6 +467,9 @@ def _mutations(src: _Source, func_node, regex, python_drops=True):
     quiet |= {id(c) for n in ast.walk(func_node) for ann in _annotations(n) for c in ast.walk(ann)}
     quiet |= {id(a) for n in ast.walk(func_node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and n.func.attr in ("grid", "gridsize") for a in n.args}
+    # nor the emitted comments, nor how many cp.async groups a wait leaves in flight (a race, as a barrier)
+    quiet |= {id(c) for n in ast.walk(func_node) if _is_comment_call(n) or _is_async_wait_factory(n)
+              for a in n.args for c in ast.walk(a)}
     nodes = [n for n in ast.walk(func_node) if id(n) not in quiet]
     code_calls = [n for n in nodes if _is_code_string_call(n)]
     code_calls_ids = {id(c) for c in code_calls}
@@ -531,12 +554,13 @@ def _emits_a_store(call) -> bool:
 
 
 def _is_barrier(call) -> bool:
-    """``cuda.syncthreads()`` and the emitting of one: a missing barrier is a race, invisible to the
-    simulator (docs/testing.md); compute-sanitizer's racecheck on a GPU is the tool for those."""
+    """``cuda.syncthreads()`` and the emitting of one, or of a cp.async commit or wait: a missing
+    barrier is a race, invisible to the simulator (whose cp.async copies at once; docs/testing.md);
+    compute-sanitizer's racecheck on a GPU is the tool for those."""
     if isinstance(call.func, ast.Attribute) and call.func.attr == "syncthreads":
         return True
     if _is_emit(call) and call.args and isinstance(call.args[0], ast.Constant):
-        return "syncthreads" in str(call.args[0].value)
+        return any(b in str(call.args[0].value) for b in ("syncthreads", "cp_async_wait", "cp_async_commit"))
     return False
 
 
