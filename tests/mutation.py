@@ -267,6 +267,10 @@ EQUIVALENT = {
     ("matmul_v2", "_loader", 'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))',
      'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v >= 1 else ""))'):
         "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one",
+    **{("matmul_v3", f"_Loader.{func}", "if self.threads >= self.rpr:", "if self.threads > self.rpr:"):
+       "at threads == runs per row both branches give every thread the same run coordinates "
+       "(tid % rpr == tid, tid // rpr == 0, one run per row per thread)"
+       for func in ("__init__", "run_coords", "setup")},
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
