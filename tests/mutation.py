@@ -185,7 +185,7 @@ TARGETS = (
     ),
     Target(
         "matmul_v3", "kernels/linear/v3_pipelined.py",
-        ("_Loader.__init__", "_Loader.run_coords", "_Loader.setup", "_Loader._k_and_mn", "_Loader.prologue",
+        ("_Loader.__init__", "_Loader.row_offset", "_Loader.setup", "_Loader._k_and_mn", "_Loader.prologue",
          "_Loader.loop_loads", "_Loader.thread_part", "_Loader.addr_stores", "_Loader.stores", "_thread_offsets",
          "pipelined_source"),
         _V3_TESTS,
@@ -264,13 +264,14 @@ EQUIVALENT = {
         "after the pair loop j + stride >= j_end, so the single-group loop makes one trip with or without it",
     ("epilogue", "make_group_store", "w0 = w1 = w2 = w3 = uint32(0)", "w0 = w1 = w2 = w3 = uint32(1)"):
         _UNUSED_WORD,
-    ("matmul_v2", "_loader", 'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))',
-     'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v >= 1 else ""))'):
-        "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one",
-    **{("matmul_v3", f"_Loader.{func}", "if self.threads >= self.rpr:", "if self.threads > self.rpr:"):
-       "at threads == runs per row both branches give every thread the same run coordinates "
-       "(tid % rpr == tid, tid // rpr == 0, one run per row per thread)"
-       for func in ("__init__", "run_coords", "setup")},
+    **{("matmul_v2", "_loader", 'src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))',
+        f'src(f"{{op}}_c = (tid % u64({{runs_per_row}}))" + (f" * u64({{v}})" if {cond} else ""))'):
+       "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one"
+       for cond in ("v >= 1", "v > 0")},
+    **{("matmul_v3", "_Loader.setup", 's(f"{op}_c = (tid % u64({self.rpr}))" + (f" * u64({v})" if v > 1 else ""))',
+        f's(f"{{op}}_c = (tid % u64({{self.rpr}}))" + (f" * u64({{v}})" if {cond} else ""))'):
+       "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one"
+       for cond in ("v >= 1", "v > 0")},
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
@@ -835,6 +836,9 @@ def main(argv=None) -> int:
     ap.add_argument("--report-from", nargs="*", metavar="LOG",
                     help="print the report of the mutants that these runs' logs record (an interrupted run too), "
                          "with today's EQUIVALENT table")
+    ap.add_argument("--skip-from", nargs="*", metavar="LOG",
+                    help="skip the mutants these runs' logs record (resume an interrupted run; report all the logs "
+                         "together with --report-from)")
     ap.add_argument("--only", nargs="*", help="only the mutants whose id (target:line:op:hash) contains one of these")
     ap.add_argument("--ops", nargs="*", choices=sorted(OPERATORS), help="only these operators")
     args = ap.parse_args(argv)
@@ -847,9 +851,14 @@ def main(argv=None) -> int:
     targets = [t for t in TARGETS if not args.files or t.name in args.files or t.path in args.files]
     if args.files and len(targets) != len(set(args.files)):
         raise SystemExit(f"mutation: unknown target in {args.files}; targets: {[t.name for t in TARGETS]}")
+    if args.files:  # in the order asked for
+        targets.sort(key=lambda t: next(i for i, f in enumerate(args.files) if f in (t.name, t.path)))
     mutants = [m for t in targets for m in generate(t) if not args.ops or m.op in args.ops]
     if args.only:
         mutants = [m for m in mutants if any(o in m.ident for o in args.only)]
+    if args.skip_from:
+        done = set(_logged(args.skip_from))
+        mutants = [m for m in mutants if m.ident.rsplit(":", 1)[1] not in done]
     if args.sample is not None and args.sample < len(mutants):
         mutants = sorted(random.Random(args.seed).sample(mutants, args.sample),
                          key=lambda m: (targets.index(m.target), m.line))
@@ -920,15 +929,21 @@ def main(argv=None) -> int:
 _LOG_LINE = re.compile(r"^\[\d+/\d+\] (\w+)\s+\d+ s  (\S+)  ")
 
 
-def report_from_logs(logs, mutants, targets) -> int:
-    """The report of the mutants recorded in ``logs`` (later logs win), matched to today's mutants by id."""
-    by_hash = {m.ident.rsplit(":", 1)[1]: m for m in mutants}
+def _logged(logs) -> dict:
+    """{mutant hash: outcome} of every mutant the run logs record (later logs win)."""
     seen = {}
     for log in logs:
         for line in Path(log).read_text().splitlines():
             hit = _LOG_LINE.match(line)
-            if hit and hit.group(2).rsplit(":", 1)[1] in by_hash:
+            if hit:
                 seen[hit.group(2).rsplit(":", 1)[1]] = hit.group(1)
+    return seen
+
+
+def report_from_logs(logs, mutants, targets) -> int:
+    """The report of the mutants recorded in ``logs`` (later logs win), matched to today's mutants by id."""
+    by_hash = {m.ident.rsplit(":", 1)[1]: m for m in mutants}
+    seen = {h: o for h, o in _logged(logs).items() if h in by_hash}
     results = []
     for h, outcome in seen.items():
         m = by_hash[h]

@@ -123,21 +123,15 @@ def _loader(src: _Src, cfg: TileConfig, op: str, length: int, k_contiguous: bool
     cont = cfg.bk if k_contiguous else length
     assert per_thread % v == 0 and cont % v == 0, f"{cfg.name}: runs of {v} must tile the slice."
     runs_per_row = cont // v
-    if threads >= runs_per_row:
-        assert threads % runs_per_row == 0, f"{cfg.name}: {threads} threads must cover whole rows of runs."
-        src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))
-        src(f"{op}_o = tid // u64({runs_per_row})")
-    else:
-        assert runs_per_row % threads == 0, f"{cfg.name}: a row of runs must be whole multiples of {threads}."
-        src(f"{op}_c = tid" + (f" * u64({v})" if v > 1 else ""))
-        src(f"{op}_o = u64(0)")
+    assert threads >= runs_per_row and threads % runs_per_row == 0, (
+        f"{cfg.name}: {threads} threads must cover whole rows of {runs_per_row} runs.")
+    src(f"{op}_c = (tid % u64({runs_per_row}))" + (f" * u64({v})" if v > 1 else ""))
+    src(f"{op}_o = tid // u64({runs_per_row})")
     runs = []
     for r in range(per_thread // v):
-        if threads >= runs_per_row:
-            c_off, o_off = 0, r * (threads // runs_per_row)
-        else:
-            c_off, o_off = (r % (runs_per_row // threads)) * threads * v, r // (runs_per_row // threads)
-        c = f"{op}_c + u64({c_off})" if c_off else f"{op}_c"
+        # run r of thread tid is run r * threads + tid: the same column, r * threads // runs_per_row rows on
+        o_off = r * (threads // runs_per_row)
+        c = f"{op}_c"
         o = f"{op}_o + u64({o_off})" if o_off else f"{op}_o"
         runs.append(_Run(o, c, v) if k_contiguous else _Run(c, o, v, o_off))
     return runs

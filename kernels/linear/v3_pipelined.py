@@ -261,33 +261,22 @@ class _Loader:
         cont = cfg.bk if kc else length
         self.rpr = cont // self.v  # runs per row of the stored contiguous dimension
         assert cont % self.v == 0, f"{cfg.name}: runs of {self.v} must tile {op}'s rows of {cont}."
-        if self.threads >= self.rpr:
-            assert self.threads % self.rpr == 0, f"{cfg.name}: {self.threads} threads must cover whole rows."
-        else:
-            assert self.rpr % self.threads == 0, f"{cfg.name}: a row of runs must be whole multiples of threads."
+        assert self.threads >= self.rpr and self.threads % self.rpr == 0, (
+            f"{cfg.name}: {self.threads} threads must cover whole rows of {op}'s {self.rpr} runs.")
 
-    def run_coords(self, r: int) -> tuple[str, int, str, int]:
-        """(contiguous-dimension expression, its constant part, row expression, its constant part)
-        of run ``r``'s first element, in slice coordinates."""
-        op, v = self.op, self.v
-        if self.threads >= self.rpr:
-            return f"{op}_c", 0, f"{op}_o", r * (self.threads // self.rpr)
-        per_row = self.rpr // self.threads
-        return f"{op}_c", (r % per_row) * self.threads * v, f"{op}_o", r // per_row
+    def row_offset(self, r: int) -> int:
+        """Rows of the stored operand between this thread's run 0 and its run ``r`` (run
+        ``r * threads + tid``: the same position along the row, ``r * threads / rpr`` rows on)."""
+        return r * (self.threads // self.rpr)
 
     def setup(self, s: _Src):
         op, v = self.op, self.v
-        if self.threads >= self.rpr:
-            s(f"{op}_c = (tid % u64({self.rpr}))" + (f" * u64({v})" if v > 1 else ""))
-            s(f"{op}_o = tid // u64({self.rpr})")
-        else:
-            s(f"{op}_c = tid" + (f" * u64({v})" if v > 1 else ""))
-            s(f"{op}_o = u64(0)")
+        s(f"{op}_c = (tid % u64({self.rpr}))" + (f" * u64({v})" if v > 1 else ""))
+        s(f"{op}_o = tid // u64({self.rpr})")
 
     def _k_and_mn(self, r):
-        c, c_off, o, o_off = self.run_coords(r)
-        cexp = f"{c} + u64({c_off})" if c_off else c
-        oexp = f"{o} + u64({o_off})" if o_off else o
+        o_off = self.row_offset(r)
+        cexp, oexp = f"{self.op}_c", (f"{self.op}_o + u64({o_off})" if o_off else f"{self.op}_o")
         return (cexp, oexp) if self.kc else (oexp, cexp)  # (k, mn)
 
     def prologue(self, s: _Src):
@@ -352,13 +341,13 @@ class _Loader:
         """Shared stores of the staged runs at byte address ``addr`` (this thread's part
         included) plus each run's constant offset: 16-byte stores for runs of 4 along mn."""
         for r in range(self.count):
-            c_off, o_off = self.run_coords(r)[1], self.run_coords(r)[3]
+            o_off = self.row_offset(r)
             if not self.kc and self.v == 4:
-                s(f"sts4({smem}, u32({addr} + u32({(o_off * row + c_off) * isz})), "
+                s(f"sts4({smem}, u32({addr} + u32({o_off * row * isz})), "
                   + ", ".join(f"{self.op}_r{r}_{j}" for j in range(4)) + ")")
                 continue
             for j in range(self.v):
-                const = (c_off + j) * row + o_off if self.kc else o_off * row + c_off + j
+                const = j * row + o_off if self.kc else o_off * row + j
                 s(f"sts1({smem}, u32({addr} + u32({const * isz})), {self.op}_r{r}_{j})")
 
     def stores(self, s: _Src, smem: str, stage: str, row: int):
