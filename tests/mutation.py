@@ -689,6 +689,7 @@ for line in sys.stdin:
     proto.write(json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n")
 """
 MEMORY_LIMIT = 6 * 2**30  # bytes of data per test run
+ORDERED = {}  # a target's test selection -> its node ids, fastest killers first (Worker.ordered)
 
 
 def _uses_simulator() -> bool:
@@ -753,6 +754,34 @@ class Worker:
             raise SystemExit(f"mutation: the copy at {self.copy} does not import its own gpufc: "
                              f"{out.stdout}{out.stderr}")
 
+    def ordered(self, tests: tuple) -> tuple:
+        """``tests`` as explicit node ids in the order given (options kept). pytest collects a file
+        once and runs it in file order, so a file listed after some of its own tests would run
+        those tests in file order too: the fastest killers would no longer come first."""
+        opts, picks, i = [], [], 0
+        while i < len(tests):
+            if tests[i] in ("-m", "-k"):
+                opts += tests[i:i + 2]
+                i += 2
+            else:
+                picks.append(tests[i])
+                i += 1
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-o", "addopts=", *tests], cwd=self.copy, env=self.env, capture_output=True,
+                             text=True, check=False)
+        ids = [ln.strip() for ln in out.stdout.splitlines() if "::" in ln and not ln.startswith(" ")]
+        if out.returncode or not ids:
+            raise SystemExit(f"mutation: cannot collect {tests}: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        rank = {}
+        for node in ids:
+            for j, pick in enumerate(picks):
+                if node == pick or node.startswith((pick + "[", pick + "::")):
+                    rank[node] = j
+                    break
+            else:
+                rank[node] = len(picks)
+        return tuple(opts) + tuple(sorted(ids, key=lambda n: rank[n]))  # a stable sort: file order within a pick
+
     def _reply(self, timeout=None):
         msg = self.replies.get(timeout=timeout)
         if "eof" in msg:
@@ -767,7 +796,7 @@ class Worker:
             path.write_text(text)
         t0 = time.monotonic()
         args = ["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", "--strict-markers",
-                *target.tests]
+                *ORDERED.get(target.tests, target.tests)]
         try:
             self.server.stdin.write(json.dumps({"args": args, "log": str(self.log), "memory": MEMORY_LIMIT}) + "\n")
             pid = self._reply(timeout=600)["pid"]
@@ -895,6 +924,9 @@ def main(argv=None) -> int:
                                  "mutated copy; aborting")
         timeouts = {}
         used = [t for t in targets if any(m.target is t for m in mutants)]
+        for t in used:
+            if t.tests not in ORDERED:
+                ORDERED[t.tests] = pool.workers[0].ordered(t.tests)
         if args.no_baseline:
             timeouts = {t.name: args.timeout for t in used}
         else:
