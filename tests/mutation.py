@@ -207,7 +207,9 @@ TARGETS = (
     Target(
         "layers", "gpufc/nn/layers.py",
         ("_advance", "DropoutLayer.forward", "FullyConnectedLayer.forward"),
-        ("tests/test_layers.py", "tests/test_mutation_kills.py", "-k", "offset or dropout"),
+        ("tests/test_mutation_kills.py::test_layer_offset_wraps_modulo_2_to_the_64",
+         "tests/test_mutation_kills.py::test_fc_backward_follows_the_last_forward",
+         "tests/test_layers.py", "tests/test_mutation_kills.py", "-k", "offset or dropout or follows"),
         lines=r"offset|active",
     ),
 )

@@ -132,3 +132,43 @@ def test_dropout_v2_in_place_visits_each_group_once(device_backend, offset, vect
     kd.launch_dropout(xd, xd, key=(SEED & 0xFFFFFFFF, SEED >> 32), offset=offset, threshold=ref.dropout_threshold(p),
                       scale=ref.dropout_scale(p, np.float32), version=2, vector=vector, blocks=1, threads=8)
     np.testing.assert_array_equal(xd.copy_to_host(), ref.dropout(x, p, seed=SEED, offset=offset))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("layer_kind", ["dropout", "fc"])
+def test_layer_offset_wraps_modulo_2_to_the_64(cpu_backend, layer_kind):
+    # kills: `% 2**64` -> `% 2**63`, `% 2**65`, `% 3**64` in the layers' offset advance. The counter
+    # space is 2**64 elements: past its end the offset wraps, as the mask contract's offset does.
+    seed, p = 11, 0.5
+    layer = gpufc.DropoutLayer(p, seed=seed) if layer_kind == "dropout" else \
+        gpufc.FullyConnectedLayer(2, 4, dropout_rate=p, seed=seed)
+    x = np.ones((2, 4) if layer_kind == "dropout" else (2, 2), np.float32)  # 8 outputs: one 8-element advance
+    for start, after in ((2**63, 2**63 + 8), (2**64 - 4, 4), (2**64 - 8, 0)):
+        layer.offset = start
+        layer.forward(x)
+        assert layer.offset == after, (start, layer.offset)
+    y = layer.forward(x)  # drawn at offset 0, the wrapped one
+    keep = ref.dropout_keep_mask((2, 4), p, seed, 0)
+    assert np.array_equal(np.asarray(y) != 0, keep)
+
+
+@pytest.mark.kernels
+def test_fc_backward_follows_the_last_forward(device_backend, rng):
+    # kills: a dropped `self._ctx = ...` in FullyConnectedLayer.forward (device path, and the empty batch):
+    # backward must see the inputs of the LAST forward, not a stale earlier one.
+    layer = gpufc.FullyConnectedLayer(3, 4, activation="relu", seed=5)
+    w, b = np.asarray(layer.weights, np.float64), np.asarray(layer.biases, np.float64)
+    x1 = rng.standard_normal((5, 3)).astype(np.float32)
+    x2 = rng.standard_normal((2, 3)).astype(np.float32)
+    g2 = rng.standard_normal((2, 4)).astype(np.float32)
+    layer.forward(x1)
+    layer.forward(x2)
+    gx = layer.backward(g2)
+    _, gw_want, gb_want = ref.linear_backward(x2.astype(np.float64), w, g2.astype(np.float64), biases=b,
+                                             activation="relu")
+    np.testing.assert_allclose(np.asarray(layer.grad_weights), gw_want, rtol=1e-5, atol=1e-5)
+    assert np.asarray(gx).shape == (2, 3)
+    layer.forward(np.zeros((0, 3), np.float32))  # an empty batch: its backward gives empty / zero gradients
+    gx0 = layer.backward(np.zeros((0, 4), np.float32))
+    assert np.asarray(gx0).shape == (0, 3)
+    assert not np.asarray(layer.grad_weights).any() and not np.asarray(layer.grad_biases).any()
