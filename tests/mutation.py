@@ -274,6 +274,10 @@ EQUIVALENT = {
         f's(f"{{op}}_c = (tid % u64({{self.rpr}}))" + (f" * u64({{v}})" if {cond} else ""))'):
        "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one"
        for cond in ("v >= 1", "v > 0")},
+    ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
+        "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
+    ("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", "if k < 2 or head >= 0:"):
+        "the third Philox block also at offset % 4 == 0: its words decide bits i = 8 + lane, past the byte",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
