@@ -276,8 +276,12 @@ EQUIVALENT = {
        for cond in ("v >= 1", "v > 0")},
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
-    ("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", "if k < 2 or head >= 0:"):
-        "the third Philox block also at offset % 4 == 0: its words decide bits i = 8 + lane, past the byte",
+    **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):
+       "the third Philox block also at offset % 4 == 0: its words decide bits i = 8 + lane, past the byte"
+       for after in ("if k < 2 or head >= 0:", "if k <= 2 or head > 0:", "if k < 3 or head > 0:")},
+    ("dropout_mask", "dropout_mask_source", "in_byte = i >= 0 and i < MASK_BITS and MASK_BITS * b + i < n",
+     "in_byte = i >= 0 and i <= MASK_BITS and MASK_BITS * b + i < n"):
+        "bit 8 of the 32-bit accumulator is cut off by the uint8 store",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
