@@ -77,6 +77,7 @@ class Target:
 _DROPOUT_TESTS = (
     "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_standalone_kernels",
     "tests/test_mutation_kills.py::test_dropout_v2_in_place_visits_each_group_once",
+    "tests/test_mutation_kills.py::test_dropout_v2_in_place_one_cut_group",
     "tests/test_kernels_dropout.py::test_v2_forward_is_bit_exact",
     "tests/test_kernels_dropout.py::test_dropout_mask_kernel_is_bit_exact",
     "tests/test_kernels_dropout.py::test_fused_backward_matches_reference",
@@ -282,6 +283,9 @@ EQUIVALENT = {
     ("dropout_mask", "dropout_mask_source", "in_byte = i >= 0 and i < MASK_BITS and MASK_BITS * b + i < n",
      "in_byte = i >= 0 and i <= MASK_BITS and MASK_BITS * b + i < n"):
         "bit 8 of the 32-bit accumulator is cut off by the uint8 store",
+    **{("dropout_v2", "act_dropout_backward_v2_source", "owner = int64(0) if c == 0 else stride - 1", after):
+       "which one thread stores a cut group (the head's or the tail's, never the same group) changes no store"
+       for after in ("owner = int64(0) if c != 0 else stride - 1", "owner = int64(0) if c == 1 else stride - 1")},
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).

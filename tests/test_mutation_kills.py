@@ -134,6 +134,25 @@ def test_dropout_v2_in_place_visits_each_group_once(device_backend, offset, vect
     np.testing.assert_array_equal(xd.copy_to_host(), ref.dropout(x, p, seed=SEED, offset=offset))
 
 
+@pytest.mark.kernels
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("n,offset", [(1, 1), (2, 1), (1, 3), (3, 1), (2, 2)])
+def test_dropout_v2_in_place_one_cut_group(device_backend, n, offset, threads):
+    # kills: `j_end > 0 or head == 0` -> `j_end >= 0` in version 2's tail rule. When the tensor lies
+    # inside one Philox group cut at both ends (n + offset % 4 < 4) the head group is the tail group:
+    # taken as both, it is visited twice, and in place (y aliasing x) scaled twice.
+    from numba import cuda
+
+    from gpufc.kernels import dropout as kd
+
+    x = np.arange(1, n + 1, dtype=np.float32)
+    xd = cuda.to_device(x)
+    p = 0.01  # almost every element kept: a second visit shows as a second scaling
+    kd.launch_dropout(xd, xd, key=(SEED & 0xFFFFFFFF, SEED >> 32), offset=offset, threshold=ref.dropout_threshold(p),
+                      scale=ref.dropout_scale(p, np.float32), version=2, vector=False, blocks=1, threads=threads)
+    np.testing.assert_array_equal(xd.copy_to_host(), ref.dropout(x, p, seed=SEED, offset=offset))
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("layer_kind", ["dropout", "fc"])
 def test_layer_offset_wraps_modulo_2_to_the_64(cpu_backend, layer_kind):
