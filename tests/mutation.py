@@ -78,6 +78,7 @@ _DROPOUT_TESTS = (
     "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_standalone_kernels",
     "tests/test_mutation_kills.py::test_dropout_v2_in_place_visits_each_group_once",
     "tests/test_mutation_kills.py::test_dropout_v2_in_place_one_cut_group",
+    "tests/test_mutation_kills.py::test_kernel_launchers_run_the_version_asked_for",
     "tests/test_kernels_dropout.py::test_v2_forward_is_bit_exact",
     "tests/test_kernels_dropout.py::test_dropout_mask_kernel_is_bit_exact",
     "tests/test_kernels_dropout.py::test_fused_backward_matches_reference",
@@ -286,12 +287,24 @@ EQUIVALENT = {
     **{("dropout_v2", "act_dropout_backward_v2_source", "owner = int64(0) if c == 0 else stride - 1", after):
        "which one thread stores a cut group (the head's or the tail's, never the same group) changes no store"
        for after in ("owner = int64(0) if c != 0 else stride - 1", "owner = int64(0) if c == 1 else stride - 1")},
+    ("dropout_launch", "launch_dropout", "dropout_plan(n, dtype, 1, False, 0, blocks, threads, 0, s)(ln.arg(x), ln.arg(y), *tail)",
+     "dropout_plan(n, dtype, 1, False, 1, blocks, threads, 0, s)(ln.arg(x), ln.arg(y), *tail)"):
+        "version 1 ignores head (v2's cut first group): it only sizes version 2's grid",
+    ("dropout_launch", "launch_dropout",
+     "dropout_plan(n, dtype, 2, vec, offset % GROUP, blocks, threads, 0, s)(xa, xa, ln.arg(y), *tail)",
+     "dropout_plan(n, dtype, 2, vec, (offset // GROUP), blocks, threads, 0, s)(xa, xa, ln.arg(y), *tail)"):
+        "head only sizes version 2's grid (launch geometry: the kernel reads the offset itself)",
+    ("dropout_launch", "launch_act_dropout_backward", "dropout = bool(dropout)", "pass"):
+        "the plan key and kernel factories treat any truthy value as True (True == 1 hashes alike)",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
 EQUIVALENT_RULES = (
     (lambda m: m.after == m.before.replace("reshape(-1", "reshape(-2") != m.before,
      "NumPy infers the dimension given as any negative number, not only -1"),
+    (lambda m: m.target.name == "dropout_launch" and "_plan(" in m.before
+     and m.after == m.before.replace(", threads, 0,", ", threads, 1,", 1) != m.before,
+     "the kernel-level launchers' plan key names device 0 or 1: a different cache slot, the same plan"),
 )
 
 

@@ -191,3 +191,31 @@ def test_fc_backward_follows_the_last_forward(device_backend, rng):
     gx0 = layer.backward(np.zeros((0, 4), np.float32))
     assert np.asarray(gx0).shape == (0, 3)
     assert not np.asarray(layer.grad_weights).any() and not np.asarray(layer.grad_biases).any()
+
+
+@pytest.mark.kernels
+def test_kernel_launchers_run_the_version_asked_for(device_backend, monkeypatch):
+    # kills: `version == 1` -> `== 0` in launch_dropout, `version == 2` flips in launch_act_dropout_backward's
+    # vec16 choice, and a dropped `_check_version`. Both versions give the same bits (the contract), so only
+    # the plan each launcher asks for shows which kernel ran: a benchmark of version 1 must run version 1.
+    from numba import cuda
+
+    from gpufc.kernels import dropout as kd
+
+    asked = []
+    plan, bwd_plan = kd.dropout_plan, kd.act_dropout_backward_plan
+    monkeypatch.setattr(kd, "dropout_plan", lambda n, dtype, version, *a: asked.append(("fwd", version)) or
+                        plan(n, dtype, version, *a))
+    monkeypatch.setattr(kd, "act_dropout_backward_plan", lambda n, dtype, act, drop, vec16, *a:
+                        asked.append(("bwd", 2 if vec16 else 1)) or bwd_plan(n, dtype, act, drop, vec16, *a))
+    x = cuda.to_device(np.linspace(-1, 1, 16).astype(np.float32))
+    y = cuda.device_array(16, np.float32)
+    kw = dict(key=(3, 4), offset=0, threshold=ref.dropout_threshold(0.5), scale=2.0)
+    for version in (1, 2):
+        kd.launch_dropout(x, y, version=version, **kw)
+        kd.launch_act_dropout_backward(x, x, y, activation="relu", dropout=True, version=version, **kw)
+    assert asked == [("fwd", 1), ("bwd", 1), ("fwd", 2), ("bwd", 2)]
+    for launch in (lambda: kd.launch_dropout(x, y, version=3, **kw),
+                   lambda: kd.launch_act_dropout_backward(x, x, y, activation="relu", dropout=True, version=3, **kw)):
+        with pytest.raises(ValueError, match="version must be 1 or 2, got version=3"):
+            launch()
