@@ -120,9 +120,8 @@ def test_dropout_v2_in_place_visits_each_group_once(device_backend, offset, vect
     # -> `if head > 1` (offset % 4 == 1: the cut first group also taken by the main loop). With y apart
     # from x such a group is written twice with the same value; y may alias x (the launcher's contract),
     # and in place a second visit scales the kept values again.
-    from numba import cuda
-
     from gpufc.kernels import dropout as kd
+    from numba import cuda
 
     if vector and offset % 4:
         pytest.skip("16-byte accesses need offset % 4 == 0")
@@ -141,9 +140,8 @@ def test_dropout_v2_in_place_one_cut_group(device_backend, n, offset, threads):
     # kills: `j_end > 0 or head == 0` -> `j_end >= 0` in version 2's tail rule. When the tensor lies
     # inside one Philox group cut at both ends (n + offset % 4 < 4) the head group is the tail group:
     # taken as both, it is visited twice, and in place (y aliasing x) scaled twice.
-    from numba import cuda
-
     from gpufc.kernels import dropout as kd
+    from numba import cuda
 
     x = np.arange(1, n + 1, dtype=np.float32)
     xd = cuda.to_device(x)
@@ -186,6 +184,7 @@ def test_fc_backward_follows_the_last_forward(device_backend, rng):
     _, gw_want, gb_want = ref.linear_backward(x2.astype(np.float64), w, g2.astype(np.float64), biases=b,
                                              activation="relu")
     np.testing.assert_allclose(np.asarray(layer.grad_weights), gw_want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layer.grad_biases), gb_want, rtol=1e-5, atol=1e-5)
     assert np.asarray(gx).shape == (2, 3)
     layer.forward(np.zeros((0, 3), np.float32))  # an empty batch: its backward gives empty / zero gradients
     gx0 = layer.backward(np.zeros((0, 4), np.float32))
@@ -198,9 +197,8 @@ def test_kernel_launchers_run_the_version_asked_for(device_backend, monkeypatch)
     # kills: `version == 1` -> `== 0` in launch_dropout, `version == 2` flips in launch_act_dropout_backward's
     # vec16 choice, and a dropped `_check_version`. Both versions give the same bits (the contract), so only
     # the plan each launcher asks for shows which kernel ran: a benchmark of version 1 must run version 1.
-    from numba import cuda
-
     from gpufc.kernels import dropout as kd
+    from numba import cuda
 
     asked = []
     plan, bwd_plan = kd.dropout_plan, kd.act_dropout_backward_plan
@@ -210,7 +208,7 @@ def test_kernel_launchers_run_the_version_asked_for(device_backend, monkeypatch)
                         asked.append(("bwd", 2 if vec16 else 1)) or bwd_plan(n, dtype, act, drop, vec16, *a))
     x = cuda.to_device(np.linspace(-1, 1, 16).astype(np.float32))
     y = cuda.device_array(16, np.float32)
-    kw = dict(key=(3, 4), offset=0, threshold=ref.dropout_threshold(0.5), scale=2.0)
+    kw = {"key": (3, 4), "offset": 0, "threshold": ref.dropout_threshold(0.5), "scale": 2.0}
     for version in (1, 2):
         kd.launch_dropout(x, y, version=version, **kw)
         kd.launch_act_dropout_backward(x, x, y, activation="relu", dropout=True, version=version, **kw)
