@@ -79,6 +79,7 @@ _DROPOUT_TESTS = (
     "tests/test_mutation_kills.py::test_dropout_v2_in_place_visits_each_group_once",
     "tests/test_mutation_kills.py::test_dropout_v2_in_place_one_cut_group",
     "tests/test_mutation_kills.py::test_kernel_launchers_run_the_version_asked_for",
+    "tests/test_mutation_kills.py::test_packed_mask_launcher_fills_one_byte_masks",
     "tests/test_kernels_dropout.py::test_v2_forward_is_bit_exact",
     "tests/test_kernels_dropout.py::test_dropout_mask_kernel_is_bit_exact",
     "tests/test_kernels_dropout.py::test_fused_backward_matches_reference",

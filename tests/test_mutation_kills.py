@@ -217,3 +217,17 @@ def test_kernel_launchers_run_the_version_asked_for(device_backend, monkeypatch)
                    lambda: kd.launch_act_dropout_backward(x, x, y, activation="relu", dropout=True, version=3, **kw)):
         with pytest.raises(ValueError, match="version must be 1 or 2, got version=3"):
             launch()
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("size", [1, 5, 8, 9])
+def test_packed_mask_launcher_fills_one_byte_masks(device_backend, size):
+    # kills: `nbytes == 0` -> `== 1` in launch_dropout_mask (a mask of one byte left unwritten)
+    from gpufc.kernels import dropout as kd
+    from numba import cuda
+
+    p, offset = 0.25, 3
+    mask = cuda.to_device(np.full(-(-size // 8), 0xA5, np.uint8))  # a pattern the kernel must overwrite
+    kd.launch_dropout_mask(mask, size=size, key=(SEED & 0xFFFFFFFF, SEED >> 32), offset=offset,
+                           threshold=ref.dropout_threshold(p))
+    np.testing.assert_array_equal(mask.copy_to_host(), ref.dropout_keep_mask_packed(size, p, SEED, offset))
