@@ -297,6 +297,13 @@ EQUIVALENT = {
         "head only sizes version 2's grid (launch geometry: the kernel reads the offset itself)",
     ("dropout_launch", "launch_act_dropout_backward", "dropout = bool(dropout)", "pass"):
         "the plan key and kernel factories treat any truthy value as True (True == 1 hashes alike)",
+    ("matmul_v3", "_Loader.prologue", "for r in range(self.count):", "for r in range(self.count + 1):"):
+        "one more run of slice 0 loaded (its row clamped, its k guarded) into registers no store reads",
+    ("matmul_v3", "_Loader.prologue", "for j in range(v):", "for j in range(v + 1):"):
+        "one more element per k-contiguous run of slice 0 loaded (guarded in k) into a register no store reads",
+    ("matmul_v3", "_Loader.prologue", "if self.kc and not self.vec and v > 1:",
+     "if self.kc and not self.vec and v >= 1:"):
+        "defines the last-element clamp also for runs of 1, whose loads never read it",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
