@@ -301,9 +301,12 @@ EQUIVALENT = {
         "one more run of slice 0 loaded (its row clamped, its k guarded) into registers no store reads",
     ("matmul_v3", "_Loader.prologue", "for j in range(v):", "for j in range(v + 1):"):
         "one more element per k-contiguous run of slice 0 loaded (guarded in k) into a register no store reads",
-    ("matmul_v3", "_Loader.prologue", "if self.kc and not self.vec and v > 1:",
-     "if self.kc and not self.vec and v >= 1:"):
-        "defines the last-element clamp also for runs of 1, whose loads never read it",
+    **{("matmul_v3", "_Loader.prologue", "if self.kc and not self.vec and v > 1:", after):
+       "defines the last-element clamp also for runs of 1, whose loads never read it"
+       for after in ("if self.kc and not self.vec and v >= 1:", "if self.kc and not self.vec and v > 0:")},
+    **{("matmul_v3", "_Loader.addr_stores", "if not self.kc and self.v == 4:", after):
+       "four 4-byte shared stores in place of one 16-byte store of the same run: the same bytes"
+       for after in ("if not self.kc and self.v == 3:", "if not self.kc and self.v == 5:")},
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
