@@ -109,6 +109,7 @@ _V2_TESTS = (
 _V3 = "tests/test_kernels_linear_v3.py"
 _V3_TESTS = (
     f"{_V3}::test_v3_tiny_and_empty_k",
+    f"{_V3}::test_shared_memory_limit_is_inclusive",
     f"{_V3}::test_v3_layouts",
     f"{_V3}::test_v3_same_bits_whatever_the_tile",
     f"{_V3}::test_splitk_matches_reference_and_applies_the_epilogue_once",
@@ -307,6 +308,12 @@ EQUIVALENT = {
     **{("matmul_v3", "_Loader.addr_stores", "if not self.kc and self.v == 4:", after):
        "four 4-byte shared stores in place of one 16-byte store of the same run: the same bytes"
        for after in ("if not self.kc and self.v == 3:", "if not self.kc and self.v == 5:")},
+    ("matmul_v3", "_thread_offsets", "return [(i // v, i % v) for i in range(t)]",
+     "return [(i // v, i % v) for i in range(t + 1)]"):
+        "one more (run, offset) pair past the thread's t rows: the callers index the first t only",
+    **{("matmul_v3", "pipelined_source", "gm, gn = max(1, tm // GROUP), max(1, tn // GROUP)", after): _RUNS
+       for after in ("gm, gn = max(2, tm // GROUP), max(1, tn // GROUP)",
+                     "gm, gn = max(1, tm // GROUP), max(2, tn // GROUP)")},
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).

@@ -357,3 +357,16 @@ def test_launch_limits_at_their_boundaries(device_backend, monkeypatch):
         ws = _Shape(splits, 1, 1)
         with pytest.raises(_Launched) if ok else pytest.raises(ValueError, match="into 65536 splits; at most 65535"):
             go(a, b, y, chunk=sk.CHUNK_QUANTUM, ws=ws)
+
+
+def test_shared_memory_limit_is_inclusive(device_backend, monkeypatch):
+    # A tile that needs exactly the static limit compiles; one byte less of limit refuses it, naming both.
+    v3, _, ep = _mods()
+    cfg = _cfg("v3_t64x64")
+    need = cfg.shared_bytes(np.dtype(np.float32))
+    monkeypatch.setattr(v3, "SMEM_LIMIT", need)
+    v3.pipelined_source(cfg, np.float32, False, False, ep.PLAIN)
+    monkeypatch.setattr(v3, "SMEM_LIMIT", need - 1)
+    with pytest.raises(ValueError, match=rf"v3_t64x64 needs {need} bytes of shared memory in float32, over the "
+                                         rf"{need - 1}-byte static limit"):
+        v3.pipelined_source(cfg, np.float32, False, False, ep.PLAIN)
