@@ -326,6 +326,30 @@ def test_integer_inputs_are_bit_exact(device_backend, rng, kind, layout):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("which", ["a", "b", "ab"])
+def test_misaligned_operand_takes_the_element_path(device_backend, rng, kind, which):
+    # An operand viewed one element into its buffer is not 16-byte aligned, though its leading
+    # dimension is a multiple of 16 bytes: the launcher must read it element by element (the
+    # simulator's cp.async twins fault on a misaligned address, as the hardware does). The kernel
+    # copies with cp.async only when both operands allow it: "ab" misaligns both.
+    m, k, n = 40, 40, 24
+    x, xs = _draw(rng, kind, (m, k), integer=True)
+    w, ws = _draw(rng, kind, (k, n), integer=True)
+    ops = {"a": xs, "b": ws}
+    dev = {name: cuda.to_device(arr) for name, arr in ops.items()}
+    for name in which:
+        src = ops[name]
+        buf = cuda.to_device(np.concatenate([np.zeros(1, src.dtype), src.ravel()]))
+        dev[name] = buf[1:].reshape(src.shape)
+        assert _tc().address(dev[name]) % 16 != 0
+    store = np.float32 if kind == "tf32" else np.uint16
+    y = cuda.device_array((m, n), store)
+    _tc().launch_mma(dev["a"], dev["b"], cuda.to_device(np.zeros(n, store)), y, y, kind=kind, ep=_epilogue(),
+                     config=SMALL)
+    assert np.array_equal(_to_values(kind, y.copy_to_host()), _ref_linear(kind, x, w)), f"{kind} {which}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_forward_full_epilogue(device_backend, rng, kind, m, k, n):
     # N odd and offset 3: pairs of outputs straddle Philox blocks

@@ -264,13 +264,27 @@ if SIM:
     def cvt_tf32(bits):
         return np.uint32(tf32_round_bits(bits))
 
+    def _check_chunk(smem, i, src, j):
+        """cp.async.cg moves 16-byte chunks: both addresses must be 16-byte aligned, also when
+        the source size is 0 (the hardware faults on a misaligned one). The shared buffers are
+        declared 16-byte aligned, so their element offset is checked; the global one by its
+        address (the simulator's device arrays hold NumPy arrays)."""
+        if (int(i) * smem.dtype.itemsize) % CHUNK_BYTES:
+            raise AssertionError(f"misaligned 16-byte cp.async destination: shared element {int(i)}")
+        base = getattr(src, "_ary", src)
+        if (base.ctypes.data + int(j) * base.dtype.itemsize) % CHUNK_BYTES:
+            raise AssertionError(f"misaligned 16-byte cp.async source: element {int(j)} of an array at "
+                                 f"{base.ctypes.data:#x}")
+
     def cp_async16(smem, i, src, j):
         # A synchronous copy: the kernel's wait + syncthreads order it as on hardware.
+        _check_chunk(smem, i, src, j)
         flat = smem.reshape(-1)
         for e in range(CHUNK_BYTES // flat.dtype.itemsize):
             flat[int(i) + e] = src[int(j) + e]
 
     def cp_async16_zfill(smem, i, src, j, nbytes):
+        _check_chunk(smem, i, src, j)
         flat = smem.reshape(-1)
         size = flat.dtype.itemsize
         for e in range(CHUNK_BYTES // size):
