@@ -97,6 +97,7 @@ _V1_TESTS = (
     "tests/test_kernels_matmul.py::test_v1_still_selectable",
 )
 _V2_TESTS = (
+    "tests/test_kernels_linear_v3.py::test_generated_kernels_read_only_names_they_define",
     "tests/test_kernels_matmul.py::test_awkward_shapes_every_layout",
     "tests/test_kernels_matmul.py::test_forward_plain",
     "tests/test_kernels_matmul.py::test_grad_x_layout_nt",
@@ -111,6 +112,7 @@ _V3_TESTS = (
     f"{_V3}::test_v3_tiny_and_empty_k",
     f"{_V3}::test_v3_large_tile_full_epilogue_vector_loads",  # 3 s: the only sim test of the warp-ordered tile
     f"{_V3}::test_shared_memory_limit_is_inclusive",
+    f"{_V3}::test_generated_kernels_read_only_names_they_define",
     f"{_V3}::test_v3_layouts",
     f"{_V3}::test_v3_same_bits_whatever_the_tile",
     f"{_V3}::test_splitk_matches_reference_and_applies_the_epilogue_once",
@@ -315,6 +317,20 @@ EQUIVALENT = {
     **{("matmul_v3", "pipelined_source", "gm, gn = max(1, tm // GROUP), max(1, tn // GROUP)", after): _RUNS
        for after in ("gm, gn = max(2, tm // GROUP), max(1, tn // GROUP)",
                      "gm, gn = max(1, tm // GROUP), max(2, tn // GROUP)")},
+    ("matmul_v3", "pipelined_source", "ra = [r * (bm // gm) + o for r, o in _thread_offsets(tm, gm)]",
+     "ra = [((r * (bm // gm)) - o) for r, o in _thread_offsets(tm, gm)]"):
+        "the fragment loads read each run's first row offset only (o == 0 there)",
+    ("matmul_v3", "pipelined_source", "for i in range(tm):", "for i in range(tm + 1):"):
+        "one more accumulator row set to zero, which no k-step and no store reads",
+    ("matmul_v3", "pipelined_source", "for i in range(tm):", "for i in range(tm + 1):", 1):
+        "one more fragment register of set 1 set to zero, which no k-step reads",
+    ("matmul_v3", "pipelined_source", "for j in range(tn):", "for j in range(tn + 1):"):
+        "one more fragment register of set 1 set to zero, which no k-step reads",
+    **{("matmul_v3", "pipelined_source", 's("last = u32(max(ntiles, u64(1)) - u64(1))")', after):
+       "last is compared with t >= 1 only when ntiles >= 2, where the max is ntiles either way"
+       for after in ('s("last = u32(max(ntiles, u64(0)) - u64(1))")', 's("last = u32(max(ntiles, u64(2)) - u64(1))")')},
+    ("matmul_v3", "pipelined_source", "frags((kk + 1) % 2, kk + 1)", "frags(((kk - 1)) % 2, kk + 1)"):
+        "kk + 1 and kk - 1 have the same parity",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).

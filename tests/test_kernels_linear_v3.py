@@ -370,3 +370,48 @@ def test_shared_memory_limit_is_inclusive(device_backend, monkeypatch):
     with pytest.raises(ValueError, match=rf"v3_t64x64 needs {need} bytes of shared memory in float32, over the "
                                          rf"{need - 1}-byte static limit"):
         v3.pipelined_source(cfg, np.float32, False, False, ep.PLAIN)
+
+
+def _undefined_names(text: str, known) -> set:
+    """Names the generated kernel reads that nothing in it binds (nor its globals, nor builtins)."""
+    import ast
+    import builtins
+
+    tree = ast.parse(text)
+    bound = set(known) | set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            bound.update(a.arg for a in node.args.args)
+            if isinstance(node, ast.FunctionDef):
+                bound.add(node.name)
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - bound
+
+
+def test_generated_kernels_read_only_names_they_define(device_backend):
+    # Numba compiles every branch of a kernel, the simulator runs only the taken ones: a name read in
+    # a branch no test reaches (say, the epilogue's staging of an accumulator row past the tile) would
+    # pass the simulator and fail to compile on a GPU. Every v2 and v3 specialisation, every layout.
+    _backend.kernels()
+    v2 = importlib.import_module("gpufc.kernels.linear.v2_register_tiled")
+    configs = importlib.import_module("gpufc.kernels.linear.configs")
+    v3, _, ep = _mods()
+    full = ep.Epilogue("gelu", bias=True, dropout=True, save_preact=True)
+    checked = 0
+    for ta in (False, True):
+        for tb in (False, True):
+            for cfg in v3.CONFIGS:
+                for vec in (False, True):
+                    for e, split in ((ep.PLAIN, False), (full, False), (ep.PLAIN, True)):
+                        text, glb = v3.pipelined_source(cfg, np.float32, ta, tb, e, vec, split)
+                        assert not _undefined_names(text, glb), (cfg.name, ta, tb, vec, split)
+                        checked += 1
+            for cfg in (c for c in configs.CONFIGS if c.version == 2):
+                for dt in configs.DTYPE_CONFIGS:
+                    if cfg.name not in configs.DTYPE_CONFIGS[dt]:
+                        continue
+                    text, glb = v2.tiled_source(cfg, dt, ta, tb, full)
+                    assert not _undefined_names(text, glb), (cfg.name, dt, ta, tb)
+                    checked += 1
+    assert checked > 100
