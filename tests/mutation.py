@@ -181,7 +181,8 @@ TARGETS = (
     Target("matmul_launch", "kernels/linear/__init__.py", ("launch_matmul",), _V1_TESTS[:1] + _V2_TESTS),
     Target("bias_grad", "kernels/linear/bias_grad.py",
            ("bias_grad_v1_source", "bias_grad_v2_source", "launch_bias_grad"),
-           ("tests/test_kernels_matmul.py::test_bias_grad_v2", "tests/test_kernels_v1.py")),
+           ("tests/test_mutation_kills.py::test_bias_grad_v2_sums_in_its_fixed_order",
+            "tests/test_kernels_matmul.py::test_bias_grad_v2", "tests/test_kernels_v1.py")),
     Target(
         "matmul_v2", "kernels/linear/v2_register_tiled.py",
         ("_thread_offsets", "_loader",

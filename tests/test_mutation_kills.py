@@ -231,3 +231,45 @@ def test_packed_mask_launcher_fills_one_byte_masks(device_backend, size):
     kd.launch_dropout_mask(mask, size=size, key=(SEED & 0xFFFFFFFF, SEED >> 32), offset=offset,
                            threshold=ref.dropout_threshold(p))
     np.testing.assert_array_equal(mask.copy_to_host(), ref.dropout_keep_mask_packed(size, p, SEED, offset))
+
+
+def _bias_grad_v2_order(g):
+    """Version 2's column sums in its own order, in g's dtype: lane l of 8 sums rows l, l + 8, ...
+    into four partial sums (rows l + 32 t + 8 u into s_u while a whole group of four fits, the rest
+    into s0), adds (s0 + s1) + (s2 + s3), and lane 0 adds the eight lanes in order."""
+    m, n = g.shape
+    lanes, step, zero = 8, 32, g.dtype.type(0)
+    out = np.empty(n, g.dtype)
+    for j in range(n):
+        partial = []
+        for lane in range(lanes):
+            s = [zero] * 4
+            i = lane
+            while i + 3 * lanes < m:
+                for u in range(4):
+                    s[u] = s[u] + g[i + u * lanes, j]
+                i += step
+            while i < m:
+                s[0] = s[0] + g[i, j]
+                i += lanes
+            partial.append((s[0] + s[1]) + (s[2] + s[3]))
+        acc = zero
+        for p in partial:
+            acc = acc + p
+        out[j] = acc
+    return out
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("m", [23, 24, 25, 31, 32, 56, 57, 91])
+def test_bias_grad_v2_sums_in_its_fixed_order(device_backend, rng, m):
+    # kills: the unrolled loop's bound (`i + 3 lanes < m` made `<=`: a read past the last row when a
+    # group of four ends exactly at M; made `i - 3 lanes`: the unrolled loop skipped, other sums). The
+    # order is fixed, so the bits are too: they equal a float32 model of that order exactly.
+    from gpufc.kernels import linear as kl
+    from numba import cuda
+
+    g = rng.standard_normal((m, 37)).astype(np.float32)
+    out = cuda.device_array(37, np.float32)
+    kl.launch_bias_grad(cuda.to_device(g), out)
+    np.testing.assert_array_equal(out.copy_to_host().view(np.uint32), _bias_grad_v2_order(g).view(np.uint32))
