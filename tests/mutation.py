@@ -332,6 +332,13 @@ EQUIVALENT = {
        for after in ('s("last = u32(max(ntiles, u64(0)) - u64(1))")', 's("last = u32(max(ntiles, u64(2)) - u64(1))")')},
     ("matmul_v3", "pipelined_source", "frags((kk + 1) % 2, kk + 1)", "frags(((kk - 1)) % 2, kk + 1)"):
         "kk + 1 and kk - 1 have the same parity",
+    **{("bias_grad", "bias_grad_v2_source", "if lane == uint64(0) and j < n:", after):
+       "every lane adds the same shared partial sums in the same order: any lane (or several) stores the same total"
+       for after in ("if lane != uint64(0) and j < n:", "if lane == uint64(1) and j < n:")},
+    ("bias_grad", "launch_bias_grad",
+     "bias_grad_plan(m, n, np.dtype(g.dtype), version, 0, ln.stream(stream))(ln.arg(g), ln.arg(out))",
+     "bias_grad_plan(m, n, np.dtype(g.dtype), version, 1, ln.stream(stream))(ln.arg(g), ln.arg(out))"):
+        "the kernel-level launcher's plan key names device 0 or 1: a different cache slot, the same plan",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
