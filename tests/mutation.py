@@ -339,6 +339,12 @@ EQUIVALENT = {
      "bias_grad_plan(m, n, np.dtype(g.dtype), version, 0, ln.stream(stream))(ln.arg(g), ln.arg(out))",
      "bias_grad_plan(m, n, np.dtype(g.dtype), version, 1, ln.stream(stream))(ln.arg(g), ln.arg(out))"):
         "the kernel-level launcher's plan key names device 0 or 1: a different cache slot, the same plan",
+    ("splitk", "choose_chunk", "want = max(2, min(sms // max(tiles, 1), k // CHUNK_QUANTUM))",
+     "want = max(1, min(sms // max(tiles, 1), k // CHUNK_QUANTUM))"):
+        "past the guard tiles * 2 <= sms and K >= 2 quanta, so both terms of the min are at least 2",
+    ("splitk", "choose_chunk", "want = max(2, min(sms // max(tiles, 1), k // CHUNK_QUANTUM))",
+     "want = max(2, min(sms // max(tiles, 0), k // CHUNK_QUANTUM))"):
+        "differs only for a grid of 0 tiles, which no launch has (M, N > 0)",
 }
 
 # Survivors equivalent by a rule rather than one by one: (test on a mutant, reason).
@@ -1053,29 +1059,35 @@ def report_from_logs(logs, mutants, targets) -> int:
             outcome = "equivalent" if equivalence(m) else "survived"
         results.append((m, outcome, ""))
     print(f"mutation: {len(results)} of {len(mutants)} mutants recorded in {', '.join(map(str, logs))}")
-    return report(results, targets, float("nan"))
+    totals = {t.name: sum(1 for m in mutants if m.target is t) for t in targets}
+    return report(results, targets, float("nan"), totals)
 
 
-def report(results, targets, seconds) -> int:
+def report(results, targets, seconds, totals=None) -> int:
+    """Counts per target (``totals``: {target name: mutants it has}, shown as "tried of total")."""
     kinds = ("killed", "timeout", "survived", "equivalent", "error")
+    width = 11 if totals else 5
     print("\n== mutation report ==")
-    print(f"{'target':10s} {'path':28s} {'tried':>5s} " + " ".join(f"{k:>10s}" for k in kinds) + "  score")
+    print(f"{'target':16s} {'path':32s} {'tried':>{width}s} " + " ".join(f"{k:>10s}" for k in kinds) + "  score")
     tot = dict.fromkeys(kinds, 0)
     for t in targets:
         rs = [o for m, o, _ in results if m.target is t]
-        if not rs:
+        if not rs and not totals:
             continue
         c = {k: rs.count(k) for k in kinds}
         for k in kinds:
             tot[k] += c[k]
         live = len(rs) - c["equivalent"]
-        score = 100.0 * (c["killed"] + c["timeout"]) / live if live else 100.0
-        print(f"{t.name:10s} {t.path:28s} {len(rs):5d} " + " ".join(f"{c[k]:10d}" for k in kinds)
-              + f"  {score:5.1f}%")
+        score = f"{100.0 * (c['killed'] + c['timeout']) / live:5.1f}%" if live else ("100.0%" if rs else "    -")
+        tried = f"{len(rs)} of {totals[t.name]}" if totals else str(len(rs))
+        print(f"{t.name:16s} {t.path:32s} {tried:>{width}s} " + " ".join(f"{c[k]:10d}" for k in kinds)
+              + f"  {score}")
     n = len(results)
     live = n - tot["equivalent"]
     score = 100.0 * (tot["killed"] + tot["timeout"]) / live if live else 100.0
-    print(f"{'total':10s} {'':28s} {n:5d} " + " ".join(f"{tot[k]:10d}" for k in kinds) + f"  {score:5.1f}%")
+    tried = f"{n} of {sum(totals.values())}" if totals else str(n)
+    print(f"{'total':16s} {'':32s} {tried:>{width}s} " + " ".join(f"{tot[k]:10d}" for k in kinds)
+          + f"  {score:5.1f}%")
     print(f"duration: {seconds:.0f} s")
     bad = [(m, o, tail) for m, o, tail in results if o in ("survived", "error")]
     for m, o, tail in bad:
