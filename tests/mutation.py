@@ -335,10 +335,6 @@ EQUIVALENT = {
     **{("bias_grad", "bias_grad_v2_source", "if lane == uint64(0) and j < n:", after):
        "every lane adds the same shared partial sums in the same order: any lane (or several) stores the same total"
        for after in ("if lane != uint64(0) and j < n:", "if lane == uint64(1) and j < n:")},
-    ("bias_grad", "launch_bias_grad",
-     "bias_grad_plan(m, n, np.dtype(g.dtype), version, 0, ln.stream(stream))(ln.arg(g), ln.arg(out))",
-     "bias_grad_plan(m, n, np.dtype(g.dtype), version, 1, ln.stream(stream))(ln.arg(g), ln.arg(out))"):
-        "the kernel-level launcher's plan key names device 0 or 1: a different cache slot, the same plan",
     ("splitk", "choose_chunk", "want = max(2, min(sms // max(tiles, 1), k // CHUNK_QUANTUM))",
      "want = max(1, min(sms // max(tiles, 1), k // CHUNK_QUANTUM))"):
         "past the guard tiles * 2 <= sms and K >= 2 quanta, so both terms of the min are at least 2",
@@ -351,9 +347,10 @@ EQUIVALENT = {
 EQUIVALENT_RULES = (
     (lambda m: m.after == m.before.replace("reshape(-1", "reshape(-2") != m.before,
      "NumPy infers the dimension given as any negative number, not only -1"),
-    (lambda m: m.target.name == "dropout_launch" and "_plan(" in m.before
-     and m.after == m.before.replace(", threads, 0,", ", threads, 1,", 1) != m.before,
-     "the kernel-level launchers' plan key names device 0 or 1: a different cache slot, the same plan"),
+    (lambda m: "_plan(" in m.before and any(m.after == m.before.replace(f", 0, {tail}", f", 1, {tail}", 1) != m.before
+                                           for tail in ("s)", "ln.stream(")),
+     "the kernel-level launchers' plan key names device 0 or 1 (the argument before the stream): a different "
+     "cache slot, the same plan"),
 )
 
 
