@@ -347,8 +347,9 @@ EQUIVALENT = {
 EQUIVALENT_RULES = (
     (lambda m: m.after == m.before.replace("reshape(-1", "reshape(-2") != m.before,
      "NumPy infers the dimension given as any negative number, not only -1"),
-    (lambda m: "_plan(" in m.before and any(m.after == m.before.replace(f", 0, {tail}", f", 1, {tail}", 1) != m.before
-                                           for tail in ("s)", "ln.stream(")),
+    (lambda m: "_plan(" in m.before and (
+        any(m.after == m.before.replace(f", 0, {tail}", f", 1, {tail}", 1) != m.before for tail in ("s)", "ln.stream("))
+        or (m.before.endswith(", 0,") and m.after == m.before[:-2] + "1,")),  # the stream on the next line
      "the kernel-level launchers' plan key names device 0 or 1 (the argument before the stream): a different "
      "cache slot, the same plan"),
 )
