@@ -350,6 +350,45 @@ def test_misaligned_operand_takes_the_element_path(device_backend, rng, kind, wh
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time(device_backend, monkeypatch, kind):
+    # The element path is right for any operand, so results cannot show whether the launcher let the
+    # kernel copy 16 bytes at a time; the flags it passes can: bit 0 for a, bit 1 for b, set exactly
+    # when the operand starts on a 16-byte boundary and each of its rows is whole 16-byte chunks.
+    tc = _tc()
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, launch):
+            return self
+
+        def __call__(self, *args):
+            seen.append(int(args[6]))
+
+    monkeypatch.setattr(tc, "make_kernel", lambda *args, **kw: Kernel())
+    store = np.float32 if kind == "tf32" else np.uint16
+    ch = 16 // np.dtype(store).itemsize  # elements per 16-byte chunk
+
+    def operand(rows, cols, aligned=True):
+        buf = cuda.to_device(np.zeros(rows * cols + 1, store))
+        arr = (buf[: rows * cols] if aligned else buf[1:]).reshape(rows, cols)
+        assert (tc.address(arr) % 16 == 0) == aligned
+        return arr
+
+    def flags(a, b, n):
+        y = cuda.device_array((a.shape[0], n), store)
+        tc.launch_mma(a, b, cuda.device_array(n, store), y, y, kind=kind, ep=_epilogue(), config=SMALL)
+        return seen.pop()
+
+    m, k, n = ch, 2 * ch, 3 * ch  # every dimension a different multiple of the chunk
+    assert flags(operand(m, k), operand(k, n), n) == 3
+    assert flags(operand(m, k, aligned=False), operand(k, n), n) == 2
+    assert flags(operand(m, k), operand(k, n, aligned=False), n) == 1
+    # rows of k = ch + 1 elements are not whole chunks (a's rows); b's rows of n are, b's k is not
+    assert flags(operand(m, ch + 1), operand(ch + 1, n), n) == 2
+    assert flags(operand(ch + 1, k), operand(k, ch + 1), ch + 1) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_forward_full_epilogue(device_backend, rng, kind, m, k, n):
     # N odd and offset 3: pairs of outputs straddle Philox blocks
