@@ -98,6 +98,7 @@ _V1_TESTS = (
 )
 _V2_TESTS = (
     "tests/test_kernels_linear_v3.py::test_generated_kernels_read_only_names_they_define",
+    "tests/test_kernels_linear_v3.py::test_shared_memory_limit_is_inclusive",
     "tests/test_kernels_matmul.py::test_awkward_shapes_every_layout",
     "tests/test_kernels_matmul.py::test_forward_plain",
     "tests/test_kernels_matmul.py::test_grad_x_layout_nt",
@@ -284,6 +285,16 @@ EQUIVALENT = {
         f's(f"{{op}}_c = (tid % u64({{self.rpr}}))" + (f" * u64({{v}})" if {cond} else ""))'):
        "it adds `* u64(1)` to the generated index when v == 1: a multiplication by one"
        for cond in ("v >= 1", "v > 0")},
+    ("matmul_v2", "_thread_offsets", "return [(i // v, i % v) for i in range(t)]",
+     "return [(i // v, i % v) for i in range(t + 1)]"):
+        "one more (run, offset) pair past the thread's t rows: the callers index the first t only",
+    ("matmul_v2", "_emit_operand_setup", "for j in range(run.v):", "for j in range(run.v + 1):"):
+        "one more element per k-contiguous run of slice 0 loaded (guarded in k) into a register no store reads",
+    **{("matmul_v2", "tiled_source", 's(f"ntiles = (kd + u64({bk - 1})) // u64({bk})")', after):
+       "one more K slice, in front, when K % BK is 0 or BK - 1: shift grows by BK, so that slice is all guarded "
+       "zeros (0 * 0 added to the +0 accumulators first) and every later slice reads the same k"
+       for after in ('s(f"ntiles = (kd + u64({(bk + 1)})) // u64({bk})")', 's(f"ntiles = (kd + u64({bk + 1})) // u64({bk})")',
+                     's(f"ntiles = (kd + u64({bk - 0})) // u64({bk})")')},
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):
@@ -352,8 +363,8 @@ EQUIVALENT_RULES = (
     (lambda m: "_plan(" in m.before and (
         any(m.after == m.before.replace(f", 0, {tail}", f", 1, {tail}", 1) != m.before for tail in ("s)", "ln.stream("))
         or (m.before.endswith(", 0,") and m.after == m.before[:-2] + "1,")),  # the stream on the next line
-     "the kernel-level launchers' plan key names device 0 or 1 (the argument before the stream): a different "
-     "cache slot, the same plan"),
+     ("the kernel-level launchers' plan key names device 0 or 1 (the argument before the stream): a different "
+      "cache slot, the same plan")),
 )
 
 

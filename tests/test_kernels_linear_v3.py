@@ -359,17 +359,22 @@ def test_launch_limits_at_their_boundaries(device_backend, monkeypatch):
             go(a, b, y, chunk=sk.CHUNK_QUANTUM, ws=ws)
 
 
-def test_shared_memory_limit_is_inclusive(device_backend, monkeypatch):
+@pytest.mark.parametrize("version", [2, 3])
+def test_shared_memory_limit_is_inclusive(device_backend, monkeypatch, version):
     # A tile that needs exactly the static limit compiles; one byte less of limit refuses it, naming both.
     v3, _, ep = _mods()
-    cfg = _cfg("v3_t64x64")
+    if version == 2:
+        gen = importlib.import_module("gpufc.kernels.linear.v2_register_tiled")
+        cfg, source = importlib.import_module("gpufc.kernels.linear.configs").config_by_name("t64x64"), "tiled_source"
+    else:
+        gen, cfg, source = v3, _cfg("v3_t64x64"), "pipelined_source"
     need = cfg.shared_bytes(np.dtype(np.float32))
-    monkeypatch.setattr(v3, "SMEM_LIMIT", need)
-    v3.pipelined_source(cfg, np.float32, False, False, ep.PLAIN)
-    monkeypatch.setattr(v3, "SMEM_LIMIT", need - 1)
-    with pytest.raises(ValueError, match=rf"v3_t64x64 needs {need} bytes of shared memory in float32, over the "
+    monkeypatch.setattr(gen, "SMEM_LIMIT", need)
+    getattr(gen, source)(cfg, np.float32, False, False, ep.PLAIN)
+    monkeypatch.setattr(gen, "SMEM_LIMIT", need - 1)
+    with pytest.raises(ValueError, match=rf"{cfg.name} needs {need} bytes of shared memory in float32, over the "
                                          rf"{need - 1}-byte static limit"):
-        v3.pipelined_source(cfg, np.float32, False, False, ep.PLAIN)
+        getattr(gen, source)(cfg, np.float32, False, False, ep.PLAIN)
 
 
 def _undefined_names(text: str, known) -> set:
