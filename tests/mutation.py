@@ -138,6 +138,7 @@ _TC_TESTS = ("tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tenso
              "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tensor_core_backward",
              f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_misaligned_operand_takes_the_element_path",
              f"{_TC}::test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time",
+             f"{_TC}::test_launch_limits_at_their_boundaries",
              f"{_TC}::test_forward_full_epilogue",
              f"{_TC}::test_backward_layouts_against_the_model", f"{_TC}::test_fused_dropout_mask_is_bit_exact", _TC)
 
