@@ -296,6 +296,12 @@ EQUIVALENT = {
        "zeros (0 * 0 added to the +0 accumulators first) and every later slice reads the same k"
        for after in ('s(f"ntiles = (kd + u64({(bk + 1)})) // u64({bk})")', 's(f"ntiles = (kd + u64({bk + 1})) // u64({bk})")',
                      's(f"ntiles = (kd + u64({bk - 0})) // u64({bk})")')},
+    ("matmul_v2", "tiled_source", "for i in range(tm):", "for i in range(tm + 1):"):
+        "one more accumulator row set to zero, which no k-step and no store reads",
+    ("matmul_v2", "tiled_source", 's("for t in range(u64(1), ntiles + u64(1)):")',
+     's("for t in range(u64(1), ntiles + u64(2)):")'):
+        "one more K step, over the all-zero slice the last step stored (its loads are off: t >= ntiles): "
+        "0 * 0 added to float accumulators, which are never -0.0 (they start at +0)",
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):
