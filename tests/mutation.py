@@ -139,6 +139,8 @@ _TC_TESTS = ("tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tenso
              f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_misaligned_operand_takes_the_element_path",
              f"{_TC}::test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time",
              f"{_TC}::test_launch_limits_at_their_boundaries",
+             f"{_TC}::test_shared_layouts_are_free_of_bank_conflicts",
+             f"{_TC}::test_block_tiles_that_are_not_square",
              f"{_TC}::test_forward_full_epilogue",
              f"{_TC}::test_backward_layouts_against_the_model", f"{_TC}::test_fused_dropout_mask_is_bit_exact", _TC)
 
@@ -302,6 +304,7 @@ EQUIVALENT = {
      's("for t in range(u64(1), ntiles + u64(2)):")'):
         "one more K step, over the all-zero slice the last step stored (its loads are off: t >= ntiles): "
         "0 * 0 added to float accumulators, which are never -0.0 (they start at +0)",
+    ("tensorcore", "make_pair_store", "w0 = w1 = uint32(0)", "w0 = w1 = uint32(1)"): _UNUSED_WORD,
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):

@@ -326,6 +326,20 @@ def test_integer_inputs_are_bit_exact(device_backend, rng, kind, layout):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32)])
+def test_block_tiles_that_are_not_square(device_backend, rng, kind, shape):
+    # The shipped configurations are square; the generator takes any that passes MmaConfig's checks,
+    # and a and b's buffers are then sized by different sides (a by BM rows, b by BN columns).
+    bm, bn = shape
+    cfg = _tc().MmaConfig(f"mma{bm}x{bn}", bm, bn, 2, 2, stages=2)
+    m, k, n = 40, 40, 72
+    x, xs = _draw(rng, kind, (m, k), integer=True)
+    w, ws = _draw(rng, kind, (k, n), integer=True)
+    y, _ = _launch_tc(kind, xs, ws, np.zeros(n, xs.dtype), m, n, ep=_epilogue(), config=cfg)
+    assert np.array_equal(y, _ref_linear(kind, x, w)), f"{kind} {cfg.name}: not bit-exact"
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("which", ["a", "b", "ab"])
 def test_misaligned_operand_takes_the_element_path(device_backend, rng, kind, which):
     # An operand viewed one element into its buffer is not 16-byte aligned, though its leading
@@ -386,6 +400,26 @@ def test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time(device_backe
     # rows of k = ch + 1 elements are not whole chunks (a's rows); b's rows of n are, b's k is not
     assert flags(operand(m, ch + 1), operand(ch + 1, n), n) == 2
     assert flags(operand(ch + 1, k), operand(k, ch + 1), ch + 1) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_layouts_are_free_of_bank_conflicts(device_backend, kind):
+    # The buffers' padding changes speed, not results, so no result can check it. Shared memory has
+    # 32 banks of 4 bytes: an ldmatrix phase reads 8 rows of 16 bytes, which must start in 8 different
+    # 16-byte bank groups; TF32's scalar fragment loads of an mn-contiguous buffer read rows t < 4,
+    # columns g < 8 (one per lane), which must fall in 32 different banks.
+    tc = _tc()
+    isz = 4 if kind == "tf32" else 2
+    for cfg in tc.CONFIGS:
+        for op in ("a", "b"):
+            for mn_contiguous in (False, True):
+                lay = tc._layout(cfg, kind, op, mn_contiguous)
+                where = f"{cfg.name} {kind} {op} {'mn' if mn_contiguous else 'k'}-contiguous, row stride {lay.stride}"
+                assert lay.stride * isz % 16 == 0, f"{where}: rows not 16-byte aligned (cp.async, ldmatrix)"
+                if kind == "tf32" and mn_contiguous:
+                    assert len({(t * lay.stride + g) % 32 for t in range(4) for g in range(8)}) == 32, where
+                else:
+                    assert len({(r * lay.stride * isz // 16) % 8 for r in range(8)}) == 8, where
 
 
 class _Shape:

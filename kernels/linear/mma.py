@@ -284,11 +284,20 @@ if SIM:
             flat[int(i) + e] = src[int(j) + e]
 
     def cp_async16_zfill(smem, i, src, j, nbytes):
+        # Byte by byte, as the hardware copies: the first nbytes (0 to 16) of the source chunk,
+        # zeros after them. A count that cuts an element copies part of it, and every element
+        # the count touches must lie inside the source array.
         _check_chunk(smem, i, src, j)
+        nb = int(nbytes)
+        if nb > CHUNK_BYTES:
+            raise AssertionError(f"cp.async source size {nb} is over the {CHUNK_BYTES}-byte chunk")
         flat = smem.reshape(-1)
         size = flat.dtype.itemsize
-        for e in range(CHUNK_BYTES // size):
-            flat[int(i) + e] = src[int(j) + e] if (e + 1) * size <= int(nbytes) else 0
+        chunk = np.zeros(CHUNK_BYTES // size, flat.dtype)
+        if nb:
+            touched = np.array([src[int(j) + e] for e in range(-(-nb // size))], flat.dtype)
+            chunk.view(np.uint8)[:nb] = touched.view(np.uint8)[:nb]
+        flat[int(i): int(i) + chunk.size] = chunk
 
     def cp_async_commit():
         pass
