@@ -305,6 +305,21 @@ EQUIVALENT = {
         "one more K step, over the all-zero slice the last step stored (its loads are off: t >= ntiles): "
         "0 * 0 added to float accumulators, which are never -0.0 (they start at +0)",
     ("tensorcore", "make_pair_store", "w0 = w1 = uint32(0)", "w0 = w1 = uint32(1)"): _UNUSED_WORD,
+    ("tensorcore", "_emit_load", 's(f"if gr < {rb} and gc < {cb}:")', 's(f"if gr < {rb} and gc <= {cb}:")'):
+        "a chunk that starts at the edge (gc == cb) gets min(cb - gc, ch) = 0 bytes either way",
+    ("tensorcore", "_emit_load", 's(f"    nb = u32(min({cb} - gc, u64({ch})) * u64({isz}))")',
+     's(f"    nb = u32(min({cb} + gc, u64({ch})) * u64({isz}))")'):
+        "the 16-byte path runs only when the operand's rows (cb) are whole chunks, so a chunk that starts "
+        "inside a row is whole: the min is ch either way",
+    ("tensorcore", "_emit_load",
+     's(f"cp_async16_zfill({op}_s, so, {op}, gr * {ld} + gc if nb != u32(0) else u64(0), nb)")',
+     's(f"cp_async16_zfill({op}_s, so, {op}, gr * {ld} + gc if nb != u32(1) else u64(0), nb)")'):
+        "a zero-byte copy reads no byte of its source (PTX ISA, and the simulator's twin), and gr * ld + gc is "
+        "16-byte aligned like the dummy index 0 it replaces; nb is never 1",
+    **{("tensorcore", "_emit_pipeline", 'steps = cfg.bk(kind) // (8 if kind == "tf32" else 16)', after):
+       "BK is 64 bytes of k: 16 TF32 or 32 16-bit values, and 16 // 7 == 16 // 8, 32 // 15 == 32 // 16 (2 k-steps)"
+       for after in ('steps = cfg.bk(kind) // (7 if kind == "tf32" else 16)',
+                     'steps = cfg.bk(kind) // (8 if kind == "tf32" else 15)')},
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):
