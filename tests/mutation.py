@@ -394,7 +394,10 @@ EQUIVALENT_RULES = (
 
 
 def equivalence(m) -> str | None:
-    """Why mutant ``m`` cannot be observed, or None."""
+    """Why mutant ``m`` cannot be observed, or None.
+
+    An equivalent mutant may still make the tests slower (one more K slice of zeros, say), past the
+    time limit: it is reported as equivalent then too, not as killed by the timeout."""
     if m.key in EQUIVALENT:
         return EQUIVALENT[m.key]
     return next((why for rule, why in EQUIVALENT_RULES if rule(m)), None)
@@ -1058,8 +1061,8 @@ def main(argv=None) -> int:
 
         def one(m):
             outcome, secs, tail = pool.run(m.target, m.text, timeouts[m.target.name])
-            if outcome == "survived" and equivalence(m):
-                outcome = "equivalent"
+            if outcome in ("survived", "timeout") and equivalence(m):
+                outcome = "equivalent"  # slower past the limit is not killed: see equivalence()
             done[0] += 1
             print(f"[{done[0]}/{len(mutants)}] {outcome:10s} {secs:5.0f} s  {m.ident}  {m.before}  ->  {m.after}",
                   flush=True)
@@ -1093,6 +1096,8 @@ def report_from_logs(logs, mutants, targets) -> int:
         m = by_hash[h]
         if outcome in ("survived", "equivalent"):
             outcome = "equivalent" if equivalence(m) else "survived"
+        elif outcome == "timeout" and equivalence(m):
+            outcome = "equivalent"
         results.append((m, outcome, ""))
     print(f"mutation: {len(results)} of {len(mutants)} mutants recorded in {', '.join(map(str, logs))}")
     totals = {t.name: sum(1 for m in mutants if m.target is t) for t in targets}
