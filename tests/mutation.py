@@ -320,6 +320,15 @@ EQUIVALENT = {
        "BK is 64 bytes of k: 16 TF32 or 32 16-bit values, and 16 // 7 == 16 // 8, 32 // 15 == 32 // 16 (2 k-steps)"
        for after in ('steps = cfg.bk(kind) // (7 if kind == "tf32" else 16)',
                      'steps = cfg.bk(kind) // (8 if kind == "tf32" else 15)')},
+    ("tensorcore", "_emit_pipeline", 's(f"for ps in range(u64({cfg.stages - 1})):")',
+     's(f"for ps in range(u64({cfg.stages - 0})):")'):
+        "the prologue also copies slice stages - 1, which the loop's first step copies again: the same bytes "
+        "into the same buffer, which no warp reads before both copies have landed",
+    ("tensorcore", "_emit_pipeline", 's("if ps < ntiles:")', 's("if ps <= ntiles:")'):
+        "slice ntiles (past K: all zero-fill) copied into a buffer no k-step reads (the loop ends at ntiles - 1)",
+    ("tensorcore", "_emit_pipeline", 's("if nk < ntiles:")', 's("if nk <= ntiles:")'):
+        "slice ntiles (past K: all zero-fill) copied into the buffer of slice kt - 1, which every warp is done "
+        "with and no later k-step reads",
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):
