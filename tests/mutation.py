@@ -134,7 +134,8 @@ _SPLITK_TESTS = (
     _V3,
 )
 _TC = "tests/test_tensorcore.py"
-_TC_TESTS = ("tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tensor_core_epilogue",
+_TC_TESTS = ("tests/test_kernels_linear_v3.py::test_generated_kernels_read_only_names_they_define",
+             "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tensor_core_epilogue",
              "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tensor_core_backward",
              f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_misaligned_operand_takes_the_element_path",
              f"{_TC}::test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time",

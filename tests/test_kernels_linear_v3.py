@@ -397,15 +397,23 @@ def _undefined_names(text: str, known) -> set:
 def test_generated_kernels_read_only_names_they_define(device_backend):
     # Numba compiles every branch of a kernel, the simulator runs only the taken ones: a name read in
     # a branch no test reaches (say, the epilogue's staging of an accumulator row past the tile) would
-    # pass the simulator and fail to compile on a GPU. Every v2 and v3 specialisation, every layout.
+    # pass the simulator and fail to compile on a GPU. Every v2, v3 and tensor-core specialisation,
+    # every layout (the tensor-core kernel holds both its copy paths; a test takes one of them).
     _backend.kernels()
     v2 = importlib.import_module("gpufc.kernels.linear.v2_register_tiled")
     configs = importlib.import_module("gpufc.kernels.linear.configs")
+    tc = importlib.import_module("gpufc.kernels.linear.tensorcore")
     v3, _, ep = _mods()
     full = ep.Epilogue("gelu", bias=True, dropout=True, save_preact=True)
     checked = 0
     for ta in (False, True):
         for tb in (False, True):
+            for cfg in tc.CONFIGS:
+                for kind in tc.KINDS:
+                    for e in (ep.PLAIN, full):
+                        text, glb = tc.mma_source(cfg, kind, ta, tb, e)
+                        assert not _undefined_names(text, glb), (cfg.name, kind, ta, tb)
+                        checked += 1
             for cfg in v3.CONFIGS:
                 for vec in (False, True):
                     for e, split in ((ep.PLAIN, False), (full, False), (ep.PLAIN, True)):
@@ -419,4 +427,4 @@ def test_generated_kernels_read_only_names_they_define(device_backend):
                     text, glb = v2.tiled_source(cfg, dt, ta, tb, full)
                     assert not _undefined_names(text, glb), (cfg.name, dt, ta, tb)
                     checked += 1
-    assert checked > 100
+    assert checked > 150
