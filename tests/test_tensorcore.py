@@ -326,17 +326,23 @@ def test_integer_inputs_are_bit_exact(device_backend, rng, kind, layout):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32)])
-def test_block_tiles_that_are_not_square(device_backend, rng, kind, shape):
+def test_block_tiles_that_are_not_square(device_backend, rng, kind, layout, shape):
     # The shipped configurations are square; the generator takes any that passes MmaConfig's checks,
     # and a and b's buffers are then sized by different sides (a by BM rows, b by BN columns).
+    # 64 x 32 gives each warp two mma rows, 32 x 64 four mma columns: the fragment offsets of
+    # rows and columns past the first, which the 16 x 16 warp tiles of mma32x32 never use.
     bm, bn = shape
     cfg = _tc().MmaConfig(f"mma{bm}x{bn}", bm, bn, 2, 2, stages=2)
     m, k, n = 40, 40, 72
     x, xs = _draw(rng, kind, (m, k), integer=True)
     w, ws = _draw(rng, kind, (k, n), integer=True)
-    y, _ = _launch_tc(kind, xs, ws, np.zeros(n, xs.dtype), m, n, ep=_epilogue(), config=cfg)
-    assert np.array_equal(y, _ref_linear(kind, x, w)), f"{kind} {cfg.name}: not bit-exact"
+    a = xs.T.copy() if layout[0] == "T" else xs
+    b = ws.T.copy() if layout[1] == "T" else ws
+    y, _ = _launch_tc(kind, a, b, np.zeros(n, xs.dtype), m, n, ep=_epilogue(), trans_a=layout[0] == "T",
+                      trans_b=layout[1] == "T", config=cfg)
+    assert np.array_equal(y, _ref_linear(kind, x, w)), f"{kind} {layout} {cfg.name}: not bit-exact"
 
 
 @pytest.mark.parametrize("kind", KINDS)
