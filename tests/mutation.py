@@ -137,7 +137,8 @@ _TC = "tests/test_tensorcore.py"
 _TC_TESTS = ("tests/test_kernels_linear_v3.py::test_generated_kernels_read_only_names_they_define",
              "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tensor_core_epilogue",
              "tests/test_boundaries.py::test_threshold_word_is_kept_by_the_tensor_core_backward",
-             f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_misaligned_operand_takes_the_element_path",
+             f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_k_one_past_whole_slices",
+             f"{_TC}::test_misaligned_operand_takes_the_element_path",
              f"{_TC}::test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time",
              f"{_TC}::test_launch_limits_at_their_boundaries",
              f"{_TC}::test_shared_layouts_are_free_of_bank_conflicts",
@@ -330,6 +331,11 @@ EQUIVALENT = {
     ("tensorcore", "_emit_pipeline", 's("if nk < ntiles:")', 's("if nk <= ntiles:")'):
         "slice ntiles (past K: all zero-fill) copied into the buffer of slice kt - 1, which every warp is done "
         "with and no later k-step reads",
+    **{("tensorcore", "mma_source", 's(f"ntiles = (kd + u64({bk - 1})) // u64({bk})")', after):
+       "one more K slice, at the end, when K % BK is 0 or BK - 1: past K, so all zero-fill, and 0 * 0 added to "
+       "accumulators that start at +0 (never -0.0)"
+       for after in ('s(f"ntiles = (kd + u64({(bk + 1)})) // u64({bk})")', 's(f"ntiles = (kd + u64({bk + 1})) // u64({bk})")',
+                     's(f"ntiles = (kd + u64({bk - 0})) // u64({bk})")')},
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):

@@ -543,6 +543,19 @@ def test_k_zero_gives_the_epilogue_of_zero(device_backend):
     _assert_within("tf32", y, want, np.full(want.shape, 1e-6), "K = 0")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_k_one_past_whole_slices(device_backend, rng, kind):
+    # K = 1 and K = BK + 1: a last slice with a single value of k, which the slice count (a
+    # ceiling) must include.
+    bk = _tc().config_by_name(SMALL).bk(kind)
+    m, n = 24, 16
+    for k in (1, bk + 1):
+        x, xs = _draw(rng, kind, (m, k), integer=True)
+        w, ws = _draw(rng, kind, (k, n), integer=True)
+        y, _ = _launch_tc(kind, xs, ws, np.zeros(n, xs.dtype), m, n, ep=_epilogue())
+        assert np.array_equal(y, _ref_linear(kind, x, w)), f"{kind} K={k}: not bit-exact"
+
+
 @pytest.mark.parametrize("name,kind", [("mma64x64", "f16"), ("mma64x64", "bf16"), ("mma128x128", "tf32")])
 def test_every_configuration_integer_tile(device_backend, rng, name, kind):
     # Each larger configuration once, integer inputs (bit-exact), edges ragged, one K slice + a bit.
