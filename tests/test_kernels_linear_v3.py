@@ -14,7 +14,7 @@ import importlib
 
 import numpy as np
 import pytest
-from helpers import assert_close, tolerance
+from helpers import Launched, StandIn, assert_close, tolerance
 
 from gpufc import reference as ref
 from gpufc.runtime import backend as _backend
@@ -306,56 +306,40 @@ def test_vector_ok_needs_multiples_of_4_and_16_byte_alignment(device_backend, di
     assert not v3.vector_ok(a, off, 8, 8, 8, False, False)
 
 
-class _Shape:
-    """Stands in for a device array in the launch checks: a shape, a size, a dtype, an address."""
-
-    def __init__(self, *shape):
-        self.shape, self.dtype = shape, np.dtype(np.float32)
-        self.size = int(np.prod(shape, dtype=object))
-        self.__cuda_array_interface__ = {"data": (0, False)}
-
-    def reshape(self, *shape):
-        return self
-
-
-class _Launched(Exception):
-    """Raised in place of compiling: the launch checks let the call through."""
-
-
 def test_launch_limits_at_their_boundaries(device_backend, monkeypatch):
     v3, sk, ep = _mods()
 
     def launched(*args, **kwargs):
-        raise _Launched
+        raise Launched
 
     monkeypatch.setattr(v3, "make_kernel", launched)
     monkeypatch.setattr(v3, "make_partial_kernel", launched)
     cfg = _cfg("v3_t32x32")
-    bias = _Shape(8)
+    bias = StandIn(8)
 
     def go(a, b, y, **kw):
         v3.launch(a, b, bias, y, y, cfg=cfg, ep=ep.PLAIN, **kw)
 
     # operands of 2**32 - 1 elements go through, of 2**32 do not (32-bit indices)
     big = v3.U32_LIMIT
-    with pytest.raises(_Launched):
-        go(_Shape(1, big - 1), _Shape(big - 1, 1), _Shape(1, 1))
+    with pytest.raises(Launched):
+        go(StandIn(1, big - 1), StandIn(big - 1, 1), StandIn(1, 1))
     with pytest.raises(ValueError, match=r"fewer than 2\*\*32 elements, got 4294967296"):
-        go(_Shape(1, big), _Shape(big, 1), _Shape(1, 1))
+        go(StandIn(1, big), StandIn(big, 1), StandIn(1, 1))
     with pytest.raises(ValueError, match=r"fewer than 2\*\*32 elements"):
-        go(_Shape(1, 8), _Shape(8, big // 8), _Shape(1, big // 8))
+        go(StandIn(1, 8), StandIn(8, big // 8), StandIn(1, big // 8))
     # 65535 column tiles go through, one column more does not
     n = 65535 * cfg.bn
-    with pytest.raises(_Launched):
-        go(_Shape(1, 8), _Shape(8, n), _Shape(1, n))
+    with pytest.raises(Launched):
+        go(StandIn(1, 8), StandIn(8, n), StandIn(1, n))
     with pytest.raises(ValueError, match=r"at most 65535 column tiles"):
-        go(_Shape(1, 8), _Shape(8, n + 1), _Shape(1, n + 1))
+        go(StandIn(1, 8), StandIn(8, n + 1), StandIn(1, n + 1))
     # 65535 K chunks go through, 65536 do not
     for splits, ok in ((65535, True), (65536, False)):
         k = splits * sk.CHUNK_QUANTUM
-        a, b, y = _Shape(1, k), _Shape(k, 1), _Shape(1, 1)
-        ws = _Shape(splits, 1, 1)
-        with pytest.raises(_Launched) if ok else pytest.raises(ValueError, match="into 65536 splits; at most 65535"):
+        a, b, y = StandIn(1, k), StandIn(k, 1), StandIn(1, 1)
+        ws = StandIn(splits, 1, 1)
+        with pytest.raises(Launched) if ok else pytest.raises(ValueError, match="into 65536 splits; at most 65535"):
             go(a, b, y, chunk=sk.CHUNK_QUANTUM, ws=ws)
 
 

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import pytest
 from conftest import ON_GPU
+from helpers import Launched, StandIn
 from numba import cuda, uint32  # after conftest chose the simulator or the GPU
 
 from gpufc import reference as ref
@@ -428,46 +429,30 @@ def test_shared_layouts_are_free_of_bank_conflicts(device_backend, kind):
                     assert len({(r * lay.stride * isz // 16) % 8 for r in range(8)}) == 8, where
 
 
-class _Shape:
-    """Stands in for a float32 device array in the launch checks: a shape, an address."""
-
-    def __init__(self, *shape):
-        self.shape, self.dtype = shape, np.dtype(np.float32)
-        self.size = int(np.prod(shape, dtype=object))
-        self.__cuda_array_interface__ = {"data": (0, False)}
-
-    def reshape(self, *shape):
-        return self
-
-
-class _Launched(Exception):
-    """Raised in place of compiling: the launch checks let the call through."""
-
-
 def test_launch_limits_at_their_boundaries(device_backend, monkeypatch):
     tc = _tc()
 
     def launched(*args, **kwargs):
-        raise _Launched
+        raise Launched
 
     monkeypatch.setattr(tc, "make_kernel", launched)
     cfg = tc.config_by_name(SMALL)
 
     def go(m, k, n):
-        tc.launch_mma(_Shape(m, k), _Shape(k, n), _Shape(n), _Shape(m, n), _Shape(m, n), kind="tf32",
+        tc.launch_mma(StandIn(m, k), StandIn(k, n), StandIn(n), StandIn(m, n), StandIn(m, n), kind="tf32",
                       ep=_epilogue(), config=cfg)
 
     # 65535 column tiles go through, one column more does not; row tiles are not limited so
     n = 65535 * cfg.bn
-    with pytest.raises(_Launched):
+    with pytest.raises(Launched):
         go(8, 8, n)
     with pytest.raises(ValueError, match=rf"y has {n + 1} columns; {SMALL} launches at most 65535 column tiles"):
         go(8, 8, n + 1)
-    with pytest.raises(_Launched):
+    with pytest.raises(Launched):
         go(65536 * cfg.bm, 8, 8)
     # M, N and K below 2**32 go through (32-bit indices), 2**32 does not
     for m, k in ((2**32 - 1, 8), (8, 2**32 - 1)):
-        with pytest.raises(_Launched):
+        with pytest.raises(Launched):
             go(m, k, 8)
     for m, k in ((2**32, 8), (8, 2**32)):
         with pytest.raises(ValueError, match=rf"below 2\*\*32, got M={m}, N=8, K={k}"):
