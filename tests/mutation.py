@@ -45,7 +45,10 @@ import threading
 import time
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser from PyPI (the dev extra brings it there)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD_ENV = "GPUFC_MUTATION_RUN"  # set inside every mutant's test run: tests/test_mutation.py skips itself
