@@ -143,6 +143,8 @@ _TC_TESTS = ("tests/test_kernels_linear_v3.py::test_generated_kernels_read_only_
              f"{_TC}::test_integer_inputs_are_bit_exact", f"{_TC}::test_k_one_past_whole_slices",
              f"{_TC}::test_misaligned_operand_takes_the_element_path",
              f"{_TC}::test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time",
+             f"{_TC}::test_kernel_copies_16_bytes_at_a_time_exactly_when_both_operands_are_flagged",
+             f"{_TC}::test_act_dropout_backward16", f"{_TC}::test_bias_grad16",
              f"{_TC}::test_launch_limits_at_their_boundaries",
              f"{_TC}::test_shared_layouts_are_free_of_bank_conflicts",
              f"{_TC}::test_block_tiles_that_are_not_square",
@@ -339,6 +341,10 @@ EQUIVALENT = {
        "accumulators that start at +0 (never -0.0)"
        for after in ('s(f"ntiles = (kd + u64({(bk + 1)})) // u64({bk})")', 's(f"ntiles = (kd + u64({bk + 1})) // u64({bk})")',
                      's(f"ntiles = (kd + u64({bk - 0})) // u64({bk})")')},
+    ("tensorcore", "mma_source", "for i in range(cfg.mi):", "for i in range(cfg.mi + 1):"):
+        "one more row of accumulators set to zero (c{mi}_j): no mma and no epilogue pair reads it",
+    ("tensorcore", "mma_source", "for j in range(cfg.ni):", "for j in range(cfg.ni + 1):"):
+        "one more column of accumulators set to zero (c{i}_{ni}): no mma and no epilogue pair reads it",
     ("dropout_mask", "dropout_mask_source", "for k in range(3):", "for k in range(4):"):
         "a fourth Philox block per byte: its words decide bits i = 16 + lane - head >= 13, past the byte",
     **{("dropout_mask", "dropout_mask_source", "if k < 2 or head > 0:", after):

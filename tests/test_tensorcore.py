@@ -409,6 +409,50 @@ def test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time(device_backe
     assert flags(operand(ch + 1, k), operand(k, ch + 1), ch + 1) == 1
 
 
+@pytest.mark.skipif(ON_GPU, reason="counts the simulator's cp.async calls; a compiled kernel cannot be spied on")
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_copies_16_bytes_at_a_time_exactly_when_both_operands_are_flagged(device_backend, monkeypatch,
+                                                                                  rng, kind):
+    # The other half of the launcher's flags test: the kernel must honour them. Results cannot tell
+    # the cp.async pipeline from the element path, so count the simulator's 16-byte copies: the
+    # pipeline copies every (M + N) x K chunk of both operands (zero-fill chunks past the edges too);
+    # with either flag clear the kernel must not issue one (the element path reads any layout).
+    tc, M = _tc(), _mma()
+    copies = []
+    real = M.cp_async16_zfill
+
+    def counting(smem, i, src, j, nbytes):
+        copies.append(int(nbytes))
+        real(smem, i, src, j, nbytes)
+
+    monkeypatch.setattr(M, "cp_async16_zfill", counting)
+    monkeypatch.setattr(tc, "make_kernel", lambda cfg, kind, ta, tb, ep: cuda.jit(tc.signature(kind))(
+        tc.kernel_source(cfg, kind, ta, tb, ep)))
+    m, k, n = 32, 32, 32  # one block tile of mma32x32; rows of whole 16-byte chunks
+    x, xs = _draw(rng, kind, (m, k), integer=True)
+    w, ws = _draw(rng, kind, (k, n), integer=True)
+    ch = 16 // xs.itemsize
+    store = np.float32 if kind == "tf32" else np.uint16
+
+    def run(misaligned):
+        dev = {}
+        for name, arr in (("a", xs), ("b", ws)):
+            buf = cuda.to_device(np.concatenate([np.zeros(1, arr.dtype), arr.ravel()]))
+            dev[name] = (buf[1:] if name in misaligned else cuda.to_device(arr).reshape(arr.size)).reshape(arr.shape)
+        y = cuda.device_array((m, n), store)
+        copies.clear()
+        tc.launch_mma(dev["a"], dev["b"], cuda.to_device(np.zeros(n, store)), y, y, kind=kind, ep=_epilogue(),
+                      config=SMALL)
+        assert np.array_equal(_to_values(kind, y.copy_to_host()), _ref_linear(kind, x, w)), f"{kind} {misaligned}"
+        return list(copies)
+
+    both = run("")
+    assert len(both) >= (m + n) * k // ch, f"{kind}: {len(both)} cp.async copies for {(m + n) * k // ch} chunks"
+    assert sum(both) == (m + n) * k * xs.itemsize, f"{kind}: copied {sum(both)} bytes of the operands"
+    for misaligned in ("a", "b", "ab"):
+        assert run(misaligned) == [], f"{kind}: cp.async with {misaligned} misaligned"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_shared_layouts_are_free_of_bank_conflicts(device_backend, kind):
     # The buffers' padding changes speed, not results, so no result can check it. Shared memory has
