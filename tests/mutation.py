@@ -1098,26 +1098,26 @@ def main(argv=None) -> int:
     return report(results, targets, time.monotonic() - start)
 
 
-_LOG_LINE = re.compile(r"^\[\d+/\d+\] (\w+)\s+\d+ s  (\S+)  ")
+_LOG_LINE = re.compile(r"^\[\d+/\d+\] (\w+)\s+(\d+) s  (\S+)  ")
 
 
 def _logged(logs) -> dict:
-    """{mutant hash: outcome} of every mutant the run logs record (later logs win)."""
+    """{mutant hash: (outcome, seconds)} of every mutant the run logs record (later logs win)."""
     seen = {}
     for log in logs:
         for line in Path(log).read_text().splitlines():
             hit = _LOG_LINE.match(line)
             if hit:
-                seen[hit.group(2).rsplit(":", 1)[1]] = hit.group(1)
+                seen[hit.group(3).rsplit(":", 1)[1]] = (hit.group(1), int(hit.group(2)))
     return seen
 
 
 def report_from_logs(logs, mutants, targets) -> int:
     """The report of the mutants recorded in ``logs`` (later logs win), matched to today's mutants by id."""
     by_hash = {m.ident.rsplit(":", 1)[1]: m for m in mutants}
-    seen = {h: o for h, o in _logged(logs).items() if h in by_hash}
+    seen = {h: rec for h, rec in _logged(logs).items() if h in by_hash}
     results = []
-    for h, outcome in seen.items():
+    for h, (outcome, _) in seen.items():
         m = by_hash[h]
         if outcome in ("survived", "equivalent"):
             outcome = "equivalent" if equivalence(m) else "survived"
@@ -1126,11 +1126,13 @@ def report_from_logs(logs, mutants, targets) -> int:
         results.append((m, outcome, ""))
     print(f"mutation: {len(results)} of {len(mutants)} mutants recorded in {', '.join(map(str, logs))}")
     totals = {t.name: sum(1 for m in mutants if m.target is t) for t in targets}
-    return report(results, targets, float("nan"), totals)
+    worker_seconds = sum(sec for _, sec in seen.values())
+    return report(results, targets, worker_seconds, totals, what="worker-seconds summed over these records")
 
 
-def report(results, targets, seconds, totals=None) -> int:
-    """Counts per target (``totals``: {target name: mutants it has}, shown as "tried of total")."""
+def report(results, targets, seconds, totals=None, what="wall time") -> int:
+    """Counts per target (``totals``: {target name: mutants it has}, shown as "tried of total");
+    ``seconds`` is the run's ``what``."""
     kinds = ("killed", "timeout", "survived", "equivalent", "error")
     width = 11 if totals else 5
     print("\n== mutation report ==")
@@ -1154,7 +1156,7 @@ def report(results, targets, seconds, totals=None) -> int:
     tried = f"{n} of {sum(totals.values())}" if totals else str(n)
     print(f"{'total':16s} {'':32s} {tried:>{width}s} " + " ".join(f"{tot[k]:10d}" for k in kinds)
           + f"  {score:5.1f}%")
-    print(f"duration: {seconds:.0f} s")
+    print(f"duration: {seconds:.0f} s ({what})")
     bad = [(m, o, tail) for m, o, tail in results if o in ("survived", "error")]
     for m, o, tail in bad:
         print(f"\n{o.upper()} {m.ident} in {m.func}\n  EQUIVALENT key: {m.key!r}\n{diff(m)}")

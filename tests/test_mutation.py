@@ -31,3 +31,36 @@ def test_sampled_mutants_are_killed():
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=20 * 60, check=False)
     assert run.returncode == 0, f"{' '.join(cmd)} exited {run.returncode}:\n{run.stdout[-6000:]}{run.stderr[-3000:]}"
     assert "planted mutant" in run.stdout and f"[{SAMPLE}/{SAMPLE}]" in run.stdout, run.stdout[-3000:]
+
+
+def test_report_from_logs_takes_the_latest_record_of_each_mutant(tmp_path):
+    # The full run is resumed and reported from its logs: a later log's record replaces an earlier
+    # one (a survivor re-run after its test was written), a survivor fails the report, and the
+    # duration is the seconds of the records kept, summed.
+    script = str(ROOT / "tests" / "mutation.py")
+    listed = subprocess.run([sys.executable, script, "--list", "--files", "philox"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=True).stdout.splitlines()
+    ids = [line.split()[0] for line in listed if line.startswith("philox:")][:3]
+    total = sum(line.startswith("philox:") for line in listed)
+    assert len(ids) == 3 and total > 3
+
+    def log(name, records):
+        path = tmp_path / name
+        path.write_text("".join(f"[{i + 1}/{len(records)}] {outcome:10s} {secs:5d} s  {ident}  a  ->  b\n"
+                                for i, (outcome, secs, ident) in enumerate(records)))
+        return str(path)
+
+    first = log("first.log", [("killed", 10, ids[0]), ("survived", 200, ids[1]), ("killed", 5, ids[2])])
+    again = log("again.log", [("killed", 7, ids[1])])
+
+    def report(*logs):
+        return subprocess.run([sys.executable, script, "--files", "philox", "--report-from", *logs], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    run = report(first)
+    assert run.returncode == 1 and f"SURVIVED {ids[1]}" in run.stdout, run.stdout[-3000:]
+    run = report(first, again)
+    row = next(line.split() for line in run.stdout.splitlines() if line.startswith("philox "))
+    assert run.returncode == 0 and "SURVIVED" not in run.stdout, run.stdout[-3000:]
+    assert row[2:8] == ["3", "of", str(total), "3", "0", "0"], row
+    assert "duration: 22 s (worker-seconds" in run.stdout, run.stdout[-3000:]
