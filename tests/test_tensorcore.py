@@ -296,6 +296,14 @@ def _launch_tc(kind, a, b, bias, m, n, *, ep, trans_a=False, trans_b=False, conf
     return _to_values(kind, y.copy_to_host()), (_to_values(kind, z.copy_to_host()) if ep.save_preact else None)
 
 
+def _on_device(arr, misaligned=False):
+    """``arr`` on the device; ``misaligned``: viewed one element into its buffer (not 16-byte aligned)."""
+    if not misaligned:
+        return cuda.to_device(arr)
+    buf = cuda.to_device(np.concatenate([np.zeros(1, arr.dtype), arr.ravel()]))
+    return buf[1:].reshape(arr.shape)
+
+
 def _epilogue(*args, **kw):
     _backend.kernels()
     from gpufc.kernels.linear.tensorcore import Epilogue
@@ -357,11 +365,8 @@ def test_misaligned_operand_takes_the_element_path(device_backend, rng, kind, wh
     x, xs = _draw(rng, kind, (m, k), integer=True)
     w, ws = _draw(rng, kind, (k, n), integer=True)
     ops = {"a": xs, "b": ws}
-    dev = {name: cuda.to_device(arr) for name, arr in ops.items()}
+    dev = {name: _on_device(arr, name in which) for name, arr in ops.items()}
     for name in which:
-        src = ops[name]
-        buf = cuda.to_device(np.concatenate([np.zeros(1, src.dtype), src.ravel()]))
-        dev[name] = buf[1:].reshape(src.shape)
         assert _tc().address(dev[name]) % 16 != 0
     store = np.float32 if kind == "tf32" else np.uint16
     y = cuda.device_array((m, n), store)
@@ -390,8 +395,7 @@ def test_launcher_flags_the_operands_it_may_copy_16_bytes_at_a_time(device_backe
     ch = 16 // np.dtype(store).itemsize  # elements per 16-byte chunk
 
     def operand(rows, cols, aligned=True):
-        buf = cuda.to_device(np.zeros(rows * cols + 1, store))
-        arr = (buf[: rows * cols] if aligned else buf[1:]).reshape(rows, cols)
+        arr = _on_device(np.zeros((rows, cols), store), misaligned=not aligned)
         assert (tc.address(arr) % 16 == 0) == aligned
         return arr
 
@@ -426,8 +430,7 @@ def test_kernel_copies_16_bytes_at_a_time_exactly_when_both_operands_are_flagged
         real(smem, i, src, j, nbytes)
 
     monkeypatch.setattr(M, "cp_async16_zfill", counting)
-    monkeypatch.setattr(tc, "make_kernel", lambda cfg, kind, ta, tb, ep: cuda.jit(tc.signature(kind))(
-        tc.kernel_source(cfg, kind, ta, tb, ep)))
+    monkeypatch.setattr(tc, "make_kernel", tc.make_kernel.__wrapped__)  # uncached: built with the counter
     m, k, n = 32, 32, 32  # one block tile of mma32x32; rows of whole 16-byte chunks
     x, xs = _draw(rng, kind, (m, k), integer=True)
     w, ws = _draw(rng, kind, (k, n), integer=True)
@@ -435,13 +438,9 @@ def test_kernel_copies_16_bytes_at_a_time_exactly_when_both_operands_are_flagged
     store = np.float32 if kind == "tf32" else np.uint16
 
     def run(misaligned):
-        dev = {}
-        for name, arr in (("a", xs), ("b", ws)):
-            buf = cuda.to_device(np.concatenate([np.zeros(1, arr.dtype), arr.ravel()]))
-            dev[name] = (buf[1:] if name in misaligned else cuda.to_device(arr).reshape(arr.size)).reshape(arr.shape)
         y = cuda.device_array((m, n), store)
         copies.clear()
-        tc.launch_mma(dev["a"], dev["b"], cuda.to_device(np.zeros(n, store)), y, y, kind=kind, ep=_epilogue(),
+        tc.launch_mma(_on_device(xs, "a" in misaligned), _on_device(ws, "b" in misaligned), cuda.to_device(np.zeros(n, store)), y, y, kind=kind, ep=_epilogue(),
                       config=SMALL)
         assert np.array_equal(_to_values(kind, y.copy_to_host()), _ref_linear(kind, x, w)), f"{kind} {misaligned}"
         return list(copies)
